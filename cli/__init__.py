@@ -1,0 +1,1 @@
+"""The ``tricks`` command line: thin, it parses, calls the core, prints."""

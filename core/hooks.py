@@ -1,0 +1,170 @@
+"""The one module that calls hooks: a typed relay over pluggy's plugin manager.
+
+Everything else in tricks goes through :class:`Hooks`. It registers plugin instances in the
+resolved order, wraps every hook implementation so that an exception names its plugin and
+hook, and implements the combination rules that pluggy does not have (chained ``on_batch``,
+per-plugin state).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable
+
+import pluggy
+
+from . import hookspecs
+from .errors import PluginHookError, TricksError
+
+
+def _guard(function: Callable, plugin: str, hook: str) -> Callable:
+    """Wrap a hook implementation so that its exceptions name the plugin and the hook."""
+    if inspect.isgeneratorfunction(function):
+
+        @functools.wraps(function)
+        def guarded_wrapper(*args):
+            try:
+                return (yield from function(*args))
+            except (PluginHookError, TricksError):
+                raise
+            except Exception as error:
+                raise PluginHookError(plugin, hook, error) from error
+
+        return guarded_wrapper
+
+    @functools.wraps(function)
+    def guarded(*args):
+        try:
+            return function(*args)
+        except (PluginHookError, TricksError):
+            raise
+        except Exception as error:
+            raise PluginHookError(plugin, hook, error) from error
+
+    return guarded
+
+
+class Hooks:
+    """The run's plugin manager and the only caller of ``pm.hook``.
+
+    ``plugins`` is a list of ``(name, instance)`` in the resolved order; the core's own
+    default implementations are registered under the name ``core`` and run last.
+    """
+
+    def __init__(self, plugins: list[tuple[str, Any]], core: Any | None = None):
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.order = [name for name, _ in plugins]
+        # pluggy calls the most recently registered implementation first: register the core
+        # first and the plugins in reverse, so calls run in the resolved order.
+        if core is not None:
+            self._register("core", core)
+        for name, plugin in reversed(plugins):
+            self._register(name, plugin)
+        self.pm.check_pending()
+        self.trace: list[str] | None = None
+
+    def _register(self, name: str, plugin: Any) -> None:
+        self.pm.register(plugin, name=name)
+        for caller in self.pm.get_hookcallers(plugin) or []:
+            for impl in caller.get_hookimpls():
+                if impl.plugin is plugin:
+                    impl.function = _guard(impl.function, name, caller.name)
+
+    def implementers(self, hook: str) -> list[str]:
+        """Names of the plugins implementing ``hook``, in call order (core excluded)."""
+        impls = getattr(self.pm.hook, hook).get_hookimpls()
+        return [i.plugin_name for i in reversed(impls) if i.plugin_name != "core"]
+
+    def _impls(self, hook: str):
+        """Plain (non-wrapper) implementations of ``hook`` in the resolved order."""
+        impls = getattr(self.pm.hook, hook).get_hookimpls()
+        return [i for i in reversed(impls) if not (i.wrapper or i.hookwrapper)]
+
+    def _record(self, hook: str) -> None:
+        if self.trace is not None:
+            self.trace.append(hook)
+
+    # --- firstresult hooks ------------------------------------------------------------
+    def build_model(self, ctx):
+        self._record("build_model")
+        return self.pm.hook.build_model(ctx=ctx)
+
+    def configure_optimizer(self, ctx, model):
+        self._record("configure_optimizer")
+        return self.pm.hook.configure_optimizer(ctx=ctx, model=model)
+
+    def configure_schedule(self, ctx, optimizer):
+        self._record("configure_schedule")
+        return self.pm.hook.configure_schedule(ctx=ctx, optimizer=optimizer)
+
+    def build_loss(self, ctx):
+        self._record("build_loss")
+        return self.pm.hook.build_loss(ctx=ctx)
+
+    def evaluate(self, ctx, model, loader):
+        self._record("evaluate")
+        return self.pm.hook.evaluate(ctx=ctx, model=model, loader=loader)
+
+    # --- chained -------------------------------------------------------------------------
+    def on_batch(self, ctx, batch):
+        self._record("on_batch")
+        for impl in self._on_batch:
+            out = impl.function(*[{"ctx": ctx, "batch": batch}[a] for a in impl.argnames])
+            if out is not None:
+                batch = out
+        return batch
+
+    @functools.cached_property
+    def _on_batch(self):
+        return self._impls("on_batch")
+
+    # --- collect / broadcast ---------------------------------------------------------------
+    def prune(self, ctx, model) -> list:
+        self._record("prune")
+        return [r for r in self.pm.hook.prune(ctx=ctx, model=model) if r]
+
+    def on_fit_start(self, ctx):
+        self._record("on_fit_start")
+        self.pm.hook.on_fit_start(ctx=ctx)
+
+    def on_epoch_start(self, ctx, epoch):
+        self._record("on_epoch_start")
+        self.pm.hook.on_epoch_start(ctx=ctx, epoch=epoch)
+
+    def on_evaluate_end(self, ctx, metrics):
+        self._record("on_evaluate_end")
+        self.pm.hook.on_evaluate_end(ctx=ctx, metrics=metrics)
+
+    def on_epoch_end(self, ctx, epoch, metrics):
+        self._record("on_epoch_end")
+        self.pm.hook.on_epoch_end(ctx=ctx, epoch=epoch, metrics=metrics)
+
+    def on_fit_end(self, ctx, summary):
+        self._record("on_fit_end")
+        self.pm.hook.on_fit_end(ctx=ctx, summary=summary)
+
+    def on_exception(self, ctx, error):
+        self._record("on_exception")
+        try:
+            self.pm.hook.on_exception(ctx=ctx, error=error)
+        except Exception:  # a failing observer must not hide the original error
+            pass
+
+    # --- per-plugin state --------------------------------------------------------------------
+    def state_dict(self, ctx) -> dict:
+        self._record("state_dict")
+        states = {}
+        for impl in self._impls("state_dict"):
+            state = impl.function(*[{"ctx": ctx}[a] for a in impl.argnames])
+            if state is not None:
+                states[impl.plugin_name] = state
+        return states
+
+    def load_state_dict(self, ctx, states: dict) -> None:
+        self._record("load_state_dict")
+        for impl in self._impls("load_state_dict"):
+            if impl.plugin_name in states:
+                args = {"ctx": ctx, "state": states[impl.plugin_name]}
+                impl.function(*[args[a] for a in impl.argnames])

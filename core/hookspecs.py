@@ -1,0 +1,274 @@
+"""The hook specifications of tricks: the one place every hook is declared.
+
+Every hook takes keyword arguments: the run context ``ctx`` (a :class:`tricks.RunContext`)
+plus the object it is about. A plugin implements a hook by defining a method of the same name
+decorated with ``@tricks.hookimpl``; it may accept any subset of the declared arguments.
+
+Combination rules, in pluggy's terms:
+
+* *firstresult* hooks stop at the first implementation that returns something other than
+  ``None``. The core's own defaults are registered ``trylast``, so any plugin's result wins
+  over them. Wrappers (``@hookimpl(wrapper=True)``) receive the result of the inner
+  implementations from ``result = yield`` and return it, changed or replaced.
+* *chained* hooks (``on_batch``) run every implementation in the resolved plugin order;
+  each receives the previous one's output.
+* *broadcast* hooks run every implementation in the resolved plugin order; return values are
+  ignored.
+
+Only ``tricks.hooks`` calls these hooks; the rest of the core goes through it.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+PROJECT = "tricks"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+# The combination rule of every hook, read by tricks.hooks and checked by the docs test.
+RULES = {
+    "build_model": "firstresult",
+    "configure_optimizer": "firstresult",
+    "configure_schedule": "firstresult",
+    "build_loss": "firstresult",
+    "evaluate": "firstresult",
+    "on_batch": "chained",
+    "prune": "collect",
+    "on_fit_start": "broadcast",
+    "on_epoch_start": "broadcast",
+    "on_evaluate_end": "broadcast",
+    "on_epoch_end": "broadcast",
+    "on_fit_end": "broadcast",
+    "on_exception": "broadcast",
+    "state_dict": "per-plugin",
+    "load_state_dict": "per-plugin",
+}
+
+
+# --- the five hooks the product is known by ----------------------------------------------
+
+
+@hookspec(firstresult=True)
+def build_model(ctx):
+    """Build the network to train.
+
+    Fires: once, before training (and again when a run resumes).
+    Parameters:
+        ctx: the run context; ``ctx.config.model``, ``ctx.num_classes``, ``ctx.in_chans``
+            and ``ctx.image_size`` describe what is needed.
+    Returns: an ``nn.Module`` whose forward maps ``batch["input"]`` to the model output, or
+        ``None`` to leave the choice to the next provider.
+    Combines: first non-None result wins; the core's provider (CIFAR ResNets and ``timm:NAME``)
+        is registered last. Model surgery (zero-gamma, DropBlock insertion) is a wrapper
+        (``wrapper=True``): ``model = yield``, change it, return it.
+    """
+
+
+@hookspec(firstresult=True)
+def configure_optimizer(ctx, model):
+    """Create the optimizer for ``model``.
+
+    Fires: after the model is built, and again after any structural change (``prune``).
+    Parameters:
+        ctx: the run context; ``ctx.config`` holds ``lr``, ``momentum``, ``weight_decay``.
+        model: the (unwrapped) model being trained.
+    Returns: a ``torch.optim.Optimizer``, or ``None``.
+    Combines: first non-None result wins (the core's default is SGD with Nesterov momentum);
+        wrappers (``wrapper=True``) receive the optimizer and may change its parameter groups
+        or learning rates (no-bias-decay, linear LR scaling) or replace it.
+    """
+
+
+@hookspec(firstresult=True)
+def build_loss(ctx):
+    """Create the training loss.
+
+    Fires: once, before training.
+    Parameters:
+        ctx: the run context.
+    Returns: a callable ``loss(output, batch) -> scalar tensor``. ``batch["target"]`` holds
+        class indices (``int64``, shape ``[B]``) or soft targets (floating, shape ``[B, K]``).
+    Combines: first non-None result is the base loss (the core's default is cross-entropy on
+        hard or soft targets); wrappers (``wrapper=True``) receive it and return a wrapped loss
+        (label smoothing, distillation).
+    """
+
+
+@hookspec
+def on_batch(ctx, batch):
+    """Transform a training batch before the forward pass.
+
+    Fires: every training step, after the batch is on the device and the core's standard
+        augmentation has run, before the forward pass.
+    Parameters:
+        ctx: the run context (``ctx.step``, ``ctx.epoch`` are current).
+        batch: a mapping with at least ``input`` (float ``[B, C, H, W]``, normalized) and
+            ``target`` (``int64 [B]`` or floating ``[B, K]`` soft targets).
+    Returns: the transformed mapping, or ``None`` when the batch was changed in place.
+    Combines: chained: every implementation runs, in the resolved plugin order, each on the
+        previous one's output.
+    """
+
+
+@hookspec
+def prune(ctx, model):
+    """Change the structure of the model (remove channels, layers, ...).
+
+    Fires: at the end of every epoch, after evaluation and before the checkpoint; a pruning
+        plugin decides from its settings and ``ctx.epoch`` whether to act.
+    Parameters:
+        ctx: the run context.
+        model: the (unwrapped) model, changed in place.
+    Returns: something truthy (for instance a dict describing the change) when the structure
+        changed, else ``None``.
+    Combines: every implementation runs; if any returns a truthy value, the core rebuilds the
+        optimizer and schedule for the new shapes, re-applies its model wrappers (DDP), and
+        checkpoints the new structure.
+    """
+
+
+# --- schedule ------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def configure_schedule(ctx, optimizer):
+    """Provide the learning-rate schedule.
+
+    Fires: after ``configure_optimizer`` (and again whenever the optimizer is rebuilt).
+    Parameters:
+        ctx: the run context (``ctx.total_steps``, ``ctx.steps_per_epoch``).
+        optimizer: the optimizer whose learning rates the schedule scales.
+    Returns: a function ``f(step, total_steps, base_lr) -> float``: the learning rate of a
+        parameter group whose base learning rate is ``base_lr``, at optimizer step ``step``
+        (0-based) of ``total_steps``. The core applies it to every group before each step.
+    Combines: first non-None result wins (the core's default is the constant base rate); wrappers
+        (``wrapper=True``) receive the schedule in force and return a new one (warmup).
+    """
+
+
+# --- evaluation -----------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def evaluate(ctx, model, loader):
+    """Evaluate the model on the validation data.
+
+    Fires: at the end of every epoch.
+    Parameters:
+        ctx: the run context.
+        model: the model, already in eval mode, under ``torch.no_grad``.
+        loader: an iterable of validation batches (mappings like ``on_batch``'s), this
+            process's shard of the validation set.
+    Returns: a dict of summed statistics with an ``n`` entry (the number of examples); the
+        core reduces them across processes and divides every entry by ``n`` (the default
+        returns ``loss`` and ``correct``, reported as ``val_loss`` and ``val_acc``).
+    Combines: first non-None result wins; a task plugin brings its own metrics.
+    """
+
+
+@hookspec
+def on_evaluate_end(ctx, metrics):
+    """Observe or extend the validation metrics.
+
+    Fires: after ``evaluate``, once the metrics are reduced across processes.
+    Parameters:
+        ctx: the run context.
+        metrics: the dict of reduced validation metrics (``val_loss``, ``val_acc``, ...);
+            an implementation may add entries.
+    Combines: broadcast, in the resolved plugin order; return values are ignored.
+    """
+
+
+# --- lifecycle ------------------------------------------------------------------------------
+
+
+@hookspec
+def on_fit_start(ctx):
+    """Prepare for training.
+
+    Fires: once, after the model, optimizer, schedule and loss exist and any checkpoint has
+        been restored, before the first epoch.
+    Parameters:
+        ctx: the run context (``ctx.model``, ``ctx.optimizer``, ``ctx.start_epoch``).
+    Combines: broadcast, in the resolved plugin order.
+    """
+
+
+@hookspec
+def on_epoch_start(ctx, epoch):
+    """Start an epoch.
+
+    Fires: at the start of every training epoch.
+    Parameters:
+        ctx: the run context.
+        epoch: the epoch about to run (0-based).
+    Combines: broadcast, in the resolved plugin order.
+    """
+
+
+@hookspec
+def on_epoch_end(ctx, epoch, metrics):
+    """Finish an epoch.
+
+    Fires: at the end of every epoch, after evaluation and pruning, before the metrics are
+        written and the checkpoint is saved.
+    Parameters:
+        ctx: the run context.
+        epoch: the epoch that ran (0-based).
+        metrics: the epoch's metrics row; an implementation may add entries, which are written
+            to ``metrics.jsonl``.
+    Combines: broadcast, in the resolved plugin order.
+    """
+
+
+@hookspec
+def on_fit_end(ctx, summary):
+    """Finish training.
+
+    Fires: once, after the last epoch, before ``summary.json`` is written.
+    Parameters:
+        ctx: the run context.
+        summary: the run summary dict; an implementation may add entries.
+    Combines: broadcast, in the resolved plugin order.
+    """
+
+
+@hookspec
+def on_exception(ctx, error):
+    """React to a failed run.
+
+    Fires: when training stops with an exception (the exception is re-raised afterwards).
+    Parameters:
+        ctx: the run context.
+        error: the exception.
+    Combines: broadcast, in the resolved plugin order; errors inside it are not raised.
+    """
+
+
+# --- plugin state in checkpoints ------------------------------------------------------------
+
+
+@hookspec
+def state_dict(ctx):
+    """Return this plugin's state, to be saved in the checkpoint.
+
+    Fires: every time a checkpoint is written.
+    Parameters:
+        ctx: the run context.
+    Returns: a picklable object (a dict of tensors and numbers), or ``None`` for no state.
+    Combines: per plugin: the core calls each implementation and stores its result under
+        the plugin's name.
+    """
+
+
+@hookspec
+def load_state_dict(ctx, state):
+    """Restore this plugin's state from a checkpoint.
+
+    Fires: when a run resumes, after the model, optimizer and schedule are rebuilt.
+    Parameters:
+        ctx: the run context.
+        state: exactly what this plugin's ``state_dict`` returned when the checkpoint was saved.
+    Combines: per plugin: each implementation receives only its own state.
+    """

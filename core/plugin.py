@@ -1,0 +1,56 @@
+"""What a plugin author subclasses: :class:`Plugin` and its typed :class:`Settings`."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Settings(BaseModel):
+    """A plugin's settings: typed fields with defaults and descriptions (pydantic).
+
+    Declare each setting as ``name: type = Field(default, description=..., ge=..., ...)``.
+    Unknown keys and values of the wrong type or range are errors that name the key.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Plugin:
+    """Base class of a tricks plugin.
+
+    The core makes one instance per run, ``Plugin(settings)``, registers it with the run's
+    plugin manager, and calls the methods marked ``@tricks.hookimpl``. Per-run state lives on
+    the instance; implement the ``state_dict``/``load_state_dict`` hooks to keep it across a
+    resume.
+
+    Class attributes describe the plugin to ``tricks plugins list`` when it is not in the
+    registry (a third-party plugin); for registered plugins the registry is authoritative.
+    """
+
+    Settings: ClassVar[type[Settings]] = Settings
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    category: ClassVar[str] = "third-party"
+    provides: ClassVar[tuple[str, ...]] = ()
+    conflicts: ClassVar[tuple[str, ...]] = ()
+    requires: ClassVar[tuple[str, ...]] = ()
+    after: ClassVar[tuple[str, ...]] = ()
+    before: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, settings: Settings | None = None):
+        self.settings = settings if settings is not None else self.Settings()
+
+
+def implemented_hooks(plugin_class: type) -> list[str]:
+    """The hook names a plugin class implements (methods carrying the hookimpl marker)."""
+    from .hookspecs import PROJECT
+
+    names = []
+    for attr in dir(plugin_class):
+        if attr.startswith("_"):
+            continue
+        if hasattr(getattr(plugin_class, attr, None), PROJECT + "_impl"):
+            names.append(attr)
+    return sorted(names)

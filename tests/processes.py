@@ -1,0 +1,142 @@
+"""Helpers for tests that need other processes: deterministic crashes (plugins that SIGKILL their
+own process when an epoch starts, or while its checkpoint is being written), CLI runs started
+side by side, the CLI's entry point called in this process for errors that need no training, and
+the check for leftover temporary files.
+
+Killed at the start of epoch ``k`` (0-based), a run has checkpointed epochs ``0..k-1`` and
+nothing after: no ``finally``, no exception hook, no clean-up runs, as after a power cut.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from unittest import mock
+
+import tricks
+
+HERE = Path(__file__).resolve().parent
+# One thread per process: runs compared for equality must use the same thread count, and two
+# cores shared with other work get slower, not faster, with more threads per process.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+class KillAtEpoch(tricks.Plugin):
+    """SIGKILL this process when epoch ``epoch`` (0-based) starts."""
+
+    def __init__(self, epoch: int):
+        super().__init__()
+        self.epoch = epoch
+
+    @tricks.hookimpl
+    def on_epoch_start(self, ctx, epoch):
+        if epoch == self.epoch:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KillWhileSaving(tricks.Plugin):
+    """SIGKILL this process in the middle of writing the checkpoint of epoch ``epoch`` (0-based):
+    its plugin state pickles into a kill, after the atomic write has made its temporary file."""
+
+    def __init__(self, epoch: int):
+        super().__init__()
+        self.epoch = epoch
+
+    @tricks.hookimpl
+    def state_dict(self, ctx):
+        return _KillWhenPickled() if ctx.epoch == self.epoch else None
+
+
+class _KillWhenPickled:
+    def __reduce__(self):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def start(argv: list[str], cwd: Path | None = None, env: dict | None = None) -> subprocess.Popen:
+    """Start a command with one torch thread; collect it with :func:`finish`."""
+    full_env = {**os.environ, "COLUMNS": "200", **ONE_THREAD, **(env or {})}
+    return subprocess.Popen(argv, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def start_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.Popen:
+    """``tricks ARGS`` in a fresh process, as ``conftest.run_cli`` runs it, without waiting."""
+    return start([sys.executable, "-m", "tricks.cli.main", *args], cwd=cwd, env=env)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"{proc.args} ran over {timeout}s:\n{err}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def start_script(code: str, cwd: Path | None = None) -> subprocess.Popen:
+    """Run the Python ``code`` in a fresh process; it may import this module and the test modules."""
+    script = f"import sys\nsys.path.insert(0, {str(HERE)!r})\n" + textwrap.dedent(code)
+    return start([sys.executable, "-c", script], cwd=cwd)
+
+
+def finish_killed(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    """Wait for a script started with :func:`start_script` and check that SIGKILL ended it."""
+    done = finish(proc)
+    assert done.returncode == -signal.SIGKILL, f"exit status {done.returncode}, expected SIGKILL:\n{done.stderr}"
+    return done
+
+
+def cli_in_process(*args: str) -> tuple[int, str, str]:
+    """Call the ``tricks`` console script's entry point here: ``(exit status, stdout, stderr)``.
+
+    For commands that fail before any training, where a fresh process would only add its start-up."""
+    from tricks.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with mock.patch.object(sys, "argv", ["tricks", *args]), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main()
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    return code, out.getvalue(), err.getvalue()
+
+
+def one_line_error(code: int, stderr: str, *fragments: str) -> str:
+    """Check the CLI's contract for bad input: exit status 2, one line on stderr naming the problem."""
+    assert code == 2, (code, stderr)
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def leftovers(run_dir: Path) -> list[str]:
+    """Temporary files (the atomic writes' ``.NAME.*`` files) anywhere in a run directory."""
+    return sorted(str(p.relative_to(run_dir)) for p in Path(run_dir).rglob("*")
+                  if p.name.startswith(".") or p.name.endswith(".tmp"))
+
+
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    """Every file of a run directory and its bytes, to check that nothing was rewritten."""
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(Path(run_dir).rglob("*")) if p.is_file()}
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Train in this process with one thread, like the processes started here, then restore."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,258 @@
+"""The hook specifications: documented where declared, called in an exact order, errors named."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+import tricks
+from tricks import hookspecs
+from tricks.errors import PluginHookError
+
+from conftest import ROOT, TINY, TINY_API, run_cli
+
+SPECS = sorted(n for n, f in vars(hookspecs).items()
+               if inspect.isfunction(f) and hasattr(f, hookspecs.PROJECT + "_spec"))
+
+
+def test_every_hook_has_a_rule():
+    assert set(SPECS) == set(hookspecs.RULES)
+    for name in ("on_batch", "build_loss", "build_model", "configure_optimizer", "prune"):
+        assert name in SPECS
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_hook_is_documented_where_declared(name):
+    func = getattr(hookspecs, name)
+    doc = inspect.getdoc(func) or ""
+    assert doc.splitlines() and doc.splitlines()[0].strip(), f"{name} has no one-line summary"
+    for part in ("Fires:", "Parameters:", "Combines:"):
+        assert part in doc, f"{name}'s docstring lacks '{part}'"
+    for param in inspect.signature(func).parameters:
+        assert re.search(rf"^\s+{param}:", doc, re.M), f"{name}'s docstring does not document '{param}'"
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_hook_is_in_the_architecture_doc(name):
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    assert re.search(rf"`{name}[`(]", text), f"docs/ARCHITECTURE.md does not describe hook {name}"
+
+
+class Recorder(tricks.Plugin):
+    """Implements every hook and records each call."""
+
+    name = "recorder"
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def _rec(self, name, result=None):
+        self.calls.append(name)
+        return result
+
+    @tricks.hookimpl
+    def build_model(self, ctx):
+        return self._rec("build_model")
+
+    @tricks.hookimpl
+    def configure_optimizer(self, ctx, model):
+        return self._rec("configure_optimizer")
+
+    @tricks.hookimpl
+    def configure_schedule(self, ctx, optimizer):
+        return self._rec("configure_schedule")
+
+    @tricks.hookimpl
+    def build_loss(self, ctx):
+        return self._rec("build_loss")
+
+    @tricks.hookimpl
+    def evaluate(self, ctx, model, loader):
+        return self._rec("evaluate")
+
+    @tricks.hookimpl
+    def on_batch(self, ctx, batch):
+        return self._rec("on_batch")
+
+    @tricks.hookimpl
+    def prune(self, ctx, model):
+        return self._rec("prune")
+
+    @tricks.hookimpl
+    def on_fit_start(self, ctx):
+        self._rec("on_fit_start")
+
+    @tricks.hookimpl
+    def on_epoch_start(self, ctx, epoch):
+        self._rec("on_epoch_start")
+
+    @tricks.hookimpl
+    def on_evaluate_end(self, ctx, metrics):
+        self._rec("on_evaluate_end")
+
+    @tricks.hookimpl
+    def on_epoch_end(self, ctx, epoch, metrics):
+        self._rec("on_epoch_end")
+
+    @tricks.hookimpl
+    def on_fit_end(self, ctx, summary):
+        self._rec("on_fit_end")
+
+    @tricks.hookimpl
+    def on_exception(self, ctx, error):
+        self._rec("on_exception")
+
+    @tricks.hookimpl
+    def state_dict(self, ctx):
+        return self._rec("state_dict", {"calls": len(self.calls)})
+
+    @tricks.hookimpl
+    def load_state_dict(self, ctx, state):
+        self._rec("load_state_dict")
+
+
+def expected_order(epochs: int, steps: int, first_epoch: int = 0, resumed: bool = False) -> list[str]:
+    order = ["build_model", "configure_optimizer", "configure_schedule", "build_loss"]
+    if resumed:
+        order.append("load_state_dict")
+    order.append("on_fit_start")
+    for _ in range(first_epoch, epochs):
+        order += ["on_epoch_start"] + ["on_batch"] * steps
+        order += ["evaluate", "on_evaluate_end", "prune", "on_epoch_end", "state_dict"]
+    return order + ["on_fit_end"]
+
+
+def test_exact_call_order_of_every_hook(tmp_path):
+    recorder, trace = Recorder(), []
+    args = dict(TINY_API, train_limit=64)  # 64 examples / batch 32 = 2 steps per epoch
+    tricks.run(plugins=[recorder], epochs=2, out=tmp_path / "run", trace=trace, **args)
+    assert recorder.calls == expected_order(epochs=2, steps=2)
+    assert trace == recorder.calls  # the core called each hook exactly once where the plugin saw it
+    assert set(recorder.calls) | {"load_state_dict", "on_exception"} == set(SPECS)
+
+    resumed = Recorder()
+    tricks.run(plugins=[resumed], resume=tmp_path / "run", epochs=3)
+    assert resumed.calls == expected_order(epochs=3, steps=2, first_epoch=2, resumed=True)
+
+
+class Exploding(tricks.Plugin):
+    name = "exploding"
+    seen: list = []
+
+    @tricks.hookimpl
+    def on_batch(self, ctx, batch):
+        raise ZeroDivisionError("boom")
+
+    @tricks.hookimpl
+    def on_exception(self, ctx, error):
+        Exploding.seen.append(error)
+
+
+def test_plugin_exception_names_plugin_and_hook(tmp_path):
+    with pytest.raises(PluginHookError) as info:
+        tricks.run(plugins=[Exploding()], epochs=1, out=tmp_path / "run", **TINY_API)
+    assert info.value.plugin == "exploding" and info.value.hook == "on_batch"
+    assert "exploding" in str(info.value) and "on_batch" in str(info.value) and "boom" in str(info.value)
+    assert isinstance(info.value.__cause__, ZeroDivisionError)
+    assert len(Exploding.seen) == 1 and Exploding.seen[0] is info.value
+
+
+class WrapsModel(tricks.Plugin):
+    """A wrapper and a chained hook: wrappers see the built model; on_batch results chain."""
+
+    name = "wraps"
+
+    @tricks.hookimpl(wrapper=True)
+    def build_model(self, ctx):
+        model = yield
+        model.tagged_by_wrapper = True
+        return model
+
+    @tricks.hookimpl(wrapper=True)
+    def build_loss(self, ctx):
+        base = yield
+
+        def doubled(output, batch):
+            return 2 * base(output, batch)
+
+        return doubled
+
+
+class AddOne(tricks.Plugin):
+    name = "add_one"
+
+    @tricks.hookimpl
+    def on_batch(self, ctx, batch):
+        return {**batch, "input": batch["input"] + 1}
+
+
+class TimesTwo(tricks.Plugin):
+    name = "times_two"
+
+    @tricks.hookimpl
+    def on_batch(self, ctx, batch):
+        batch["input"] = batch["input"] * 2  # in place, returns None
+
+
+def test_wrappers_and_chained_on_batch():
+    import torch
+
+    from tricks.builtin import CoreDefaults
+    from tricks.hooks import Hooks
+
+    hooks = Hooks([("add_one", AddOne()), ("times_two", TimesTwo())], core=CoreDefaults())
+    out = hooks.on_batch(None, {"input": torch.zeros(2), "target": torch.zeros(2)})
+    assert out["input"].tolist() == [2.0, 2.0]  # (0 + 1) * 2: the resolved order, each on the previous output
+    hooks = Hooks([("times_two", TimesTwo()), ("add_one", AddOne())], core=CoreDefaults())
+    out = hooks.on_batch(None, {"input": torch.zeros(2), "target": torch.zeros(2)})
+    assert out["input"].tolist() == [1.0, 1.0]
+    assert hooks.implementers("on_batch") == ["times_two", "add_one"]
+
+
+def test_model_and_loss_wrappers_apply(tmp_path):
+    plugin = WrapsModel()
+    seen = {}
+
+    class Spy(tricks.Plugin):
+        name = "spy"
+
+        @tricks.hookimpl
+        def on_fit_start(self, ctx):
+            seen["tagged"] = getattr(ctx.model, "tagged_by_wrapper", False)
+            seen["loss"] = ctx.loss_fn
+
+    tricks.run(plugins=[plugin, Spy()], epochs=1, out=tmp_path / "run", **TINY_API)
+    assert seen["tagged"] is True
+    import torch
+
+    out, batch = torch.zeros(3, 10), {"target": torch.tensor([0, 1, 2])}
+    assert torch.allclose(seen["loss"](out, batch), 2 * torch.log(torch.tensor(10.0)))
+
+
+def test_cli_plugin_error_is_one_line(tmp_path):
+    """An exception in a plugin's hook is reported by the CLI as one line naming both."""
+    plugin_dir = tmp_path / "pkg"
+    plugin_dir.mkdir()
+    (plugin_dir / "boom_plugin.py").write_text(
+        "import tricks\n"
+        "class Boom(tricks.Plugin):\n"
+        "    @tricks.hookimpl\n"
+        "    def on_epoch_start(self, ctx, epoch):\n"
+        "        raise RuntimeError('kaboom')\n")
+    dist = plugin_dir / "boom_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: boom-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[tricks.plugins]\nboom = boom_plugin:Boom\n")
+    import os
+
+    env = {"PYTHONPATH": os.pathsep.join([str(plugin_dir), os.environ.get("PYTHONPATH", "")])}
+    result = run_cli("run", "--plugins", "boom", "--epochs", "1", "--out", str(tmp_path / "run"), *TINY, env=env)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "boom" in lines[0] and "on_epoch_start" in lines[0] and "kaboom" in lines[0]
+    assert "Traceback" not in result.stderr
