@@ -256,3 +256,36 @@ def test_cli_plugin_error_is_one_line(tmp_path):
     assert len(lines) == 1, result.stderr
     assert "boom" in lines[0] and "on_epoch_start" in lines[0] and "kaboom" in lines[0]
     assert "Traceback" not in result.stderr
+
+
+class LinearWarmup(tricks.Plugin):
+    """The seam a warmup plugin uses: a wrapper around whatever schedule is in force."""
+
+    name = "warmup_probe"
+
+    def __init__(self, steps: int):
+        super().__init__()
+        self.steps = steps
+
+    @tricks.hookimpl(wrapper=True)
+    def configure_schedule(self, ctx, optimizer):
+        inner = yield
+        m = self.steps
+
+        def schedule(step, total, base_lr):
+            return base_lr * step / m if step < m else inner(step - m, total - m, base_lr)
+
+        return schedule
+
+
+def test_a_schedule_wrapper_wraps_the_schedule_in_force(tmp_path):
+    from tricks_cosine import cosine_lr
+
+    from conftest import read_jsonl
+
+    args = dict(TINY_API, train_limit=64)  # 2 steps per epoch
+    tricks.run(plugins=["cosine", LinearWarmup(steps=3)], epochs=4, out=tmp_path / "run", **args)
+    lrs = [r["lr"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
+    # the lr of each epoch's last step (steps 1, 3, 5, 7 of 8): warmup, then cosine over the other 5
+    expected = [0.1 * 1 / 3] + [cosine_lr(s - 3, 8 - 3, 0.1) for s in (3, 5, 7)]
+    assert lrs == pytest.approx(expected)
