@@ -47,10 +47,12 @@ class Data:
     pad: int  # random-crop padding (0: no crop)
     flip: bool  # random horizontal flip
     folder: Path | None = None  # imagefolder: the tree
+    folder_train: object = None  # imagefolder: the torchvision ImageFolder of each split
+    folder_val: object = None
 
     @property
     def train_size(self) -> int:
-        return len(self.train.y) if self.train is not None else len(self._folder_train)
+        return len(self.train.y) if self.train is not None else len(self.folder_train)
 
 
 def _stats(x: np.ndarray, chunk: int = 8192) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -243,9 +245,8 @@ def _imagefolder(core) -> Data:
         if limit:
             split.samples = split.imgs = split.samples[:limit]
             split.targets = [t for _, t in split.samples]
-    data = Data("imagefolder", None, None, len(train.classes), 3, size, IMAGENET_MEAN, IMAGENET_STD, 0, core.augment, folder=root)
-    data._folder_train, data._folder_val = train, val  # type: ignore[attr-defined]
-    return data
+    return Data("imagefolder", None, None, len(train.classes), 3, size, IMAGENET_MEAN, IMAGENET_STD, 0, core.augment,
+                folder=root, folder_train=train, folder_val=val)
 
 
 # --- batch-wise augmentation on the device -------------------------------------------------
@@ -371,7 +372,7 @@ def make_loaders(data: Data, core, device: torch.device, rank: int, world: int):
     if data.folder is not None:
         args = dict(pipeline=pipeline, batch_size=per_rank, seed=core.seed, rank=rank, world=world,
                     workers=core.workers, size=data.image_size, device=device, augment=core.augment)
-        return (FolderLoader(data._folder_train, train=True, **args), FolderLoader(data._folder_val, train=False, **args))
+        return (FolderLoader(data.folder_train, train=True, **args), FolderLoader(data.folder_val, train=False, **args))
     train = Split(data.train.x.to(device), data.train.y.to(device))
     val = Split(data.val.x.to(device), data.val.y.to(device))
     return (TensorLoader(train, pipeline, per_rank, True, core.seed, rank, world),

@@ -366,7 +366,7 @@ def test_imagefolder_limits_and_errors(tmp_path):
     write_imagefolder(tmp_path)
     data = load_data(settings(dataset="imagefolder", data_dir=str(tmp_path), train_limit=5, val_limit=2))
     assert (data.num_classes, data.in_chans, data.image_size, data.train_size) == (2, 3, 224, 5)
-    assert len(data._folder_val) == 2
+    assert len(data.folder_val) == 2
     (tmp_path / "val" / "cow").mkdir()
     (tmp_path / "val" / "cow" / "0.png").write_bytes((tmp_path / "val" / "ant" / "0.png").read_bytes())
     with pytest.raises(TricksError) as excinfo:
