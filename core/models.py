@@ -20,6 +20,13 @@ from torch import nn
 from .errors import TricksError
 
 
+def projection(c_in: int, c_out: int, stride: int) -> nn.Module | None:
+    """The shortcut of a block: identity (``None``) unless the shape changes, then 1x1 conv + BN."""
+    if stride == 1 and c_in == c_out:
+        return None
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -30,9 +37,7 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
         self.relu = nn.ReLU(inplace=True)
-        self.shortcut = None
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+        self.shortcut = projection(c_in, c_out, stride)
 
     def forward(self, x):
         out = self.relu(self.bn1(self.conv1(x)))
@@ -53,9 +58,7 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(width, c_out, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(c_out)
         self.relu = nn.ReLU(inplace=True)
-        self.shortcut = None
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+        self.shortcut = projection(c_in, c_out, stride)
 
     def forward(self, x):
         out = self.relu(self.bn1(self.conv1(x)))
