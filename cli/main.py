@@ -164,6 +164,10 @@ def run(
         reporter = RichReporter(console)
     recipe = read_recipe(resume) if resume is not None else (read_recipe(config) if config is not None else None)
     cfg = tricks.resolve(plugins=plugins, recipe=recipe, overrides=overrides, sets=set_, registries=registry)
+    drift = cfg.version_drift((recipe or {}).get("versions"))
+    if drift and rank == 0:
+        err_console.print(f"note: the recipe was written with other versions ({', '.join(drift)}); "
+                          "results may differ", markup=False, highlight=False, soft_wrap=True)
     tricks.run(cfg, out=resume or out, resume=resume, reporter=reporter)
 
 

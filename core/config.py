@@ -73,6 +73,12 @@ class RunConfig:
         versions.update({n: self.infos[n].version for n in self.plugins if n in self.infos})
         return versions
 
+    def version_drift(self, recorded: dict[str, Any] | None) -> list[str]:
+        """Where the versions a recipe was written with differ from the ones installed now."""
+        now = self.versions
+        return [f"{name} {old} -> {now[name]}" for name, old in (recorded or {}).items()
+                if name in now and now[name] is not None and str(old) != str(now[name])]
+
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"plugins": list(self.plugins), CORE: self.core.model_dump()}
         for name in self.plugins:

@@ -180,3 +180,11 @@ def test_config_repeats_the_run(tmp_path):
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("epoch_seconds", "images_per_second")} for r in rows]
     assert strip(a) == strip(b)
     assert yaml.safe_load((tmp_path / "b" / "config.yaml").read_text()) == config
+
+
+def test_version_drift_of_a_recipe_is_reported():
+    cfg = tricks.resolve(plugins="mixup,cosine")
+    assert cfg.version_drift(cfg.versions) == []
+    assert cfg.version_drift({"mixup": "0.0.9", "cosine": cfg.versions["cosine"], "gone": "1.0"}) == [
+        f"mixup 0.0.9 -> {cfg.versions['mixup']}"]
+    assert cfg.version_drift(None) == []
