@@ -13,6 +13,7 @@ from tricks.errors import TricksError
 from tricks.registry import Catalog
 
 from conftest import TINY, read_jsonl, run_cli
+from processes import cli_in_process, one_line_error
 
 ENTRY = dict(distribution="tricks-{n}", entry_point="tricks_{n}:P", path="plugins/{n}", hooks=["on_batch"],
              category="test", summary="a test entry")
@@ -159,12 +160,12 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
     ]
     for args, needle in cases:
         out = [] if "--resume" in args else ["--out", str(tmp_path / "never")]
-        result = run_cli("run", *args, "--epochs", "1", *out)
-        assert result.returncode == 2, (args, result.stderr)
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and needle in lines[0], (args, result.stderr)
-        assert "Traceback" not in result.stderr
+        one_line_error(*cli_in_process("run", *args, "--epochs", "1", *out)[::2], needle)
         assert not (tmp_path / "never").exists(), args  # nothing written for a run that never started
+    # and once in a process of its own, as a user meets it
+    result = run_cli("run", "--plugins", "mixup", "--set", "mixup.alpha=-1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    one_line_error(result.returncode, result.stderr, "mixup.alpha")
 
 
 def test_config_repeats_the_run(tmp_path):
