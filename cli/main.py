@@ -171,6 +171,107 @@ def run(
     tricks.run(cfg, out=resume or out, resume=resume, reporter=reporter)
 
 
+class AblationProgress:
+    """A bar over the ablation's runs and one over the epochs of the run in progress; a line per finished run."""
+
+    def __init__(self, console: Console, quiet: bool = False):
+        self.console, self.quiet = console, quiet
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
+                                 disable=quiet)
+        self.runs = self.epochs = None
+
+    def start(self, runs, done):
+        self.progress.start()
+        self.runs = self.progress.add_task("runs", total=runs, completed=done)
+        if done and not self.quiet:
+            self.console.print(f"{done} of {runs} runs already finished; continuing")
+
+    def run_start(self, index, config, seed, resuming):
+        import tricks
+
+        outer = self
+
+        class EpochBar(tricks.Reporter):
+            def start(self, ctx):
+                outer.epochs = outer.progress.add_task(f"{config.label} seed {seed}", total=ctx.epochs,
+                                                       completed=ctx.start_epoch)
+
+            def epoch_end(self, row):
+                outer.progress.update(outer.epochs, advance=1)
+
+            def log(self, message):
+                pass
+
+        return EpochBar()
+
+    def run_end(self, index, result):
+        if self.epochs is not None:
+            self.progress.remove_task(self.epochs)
+            self.epochs = None
+        self.progress.update(self.runs, advance=1)
+        if not self.quiet:
+            self.console.print(f"{result.configuration:<40} seed {result.seed}:  final {100 * result.final_val_acc:.2f}%  "
+                               f"best {100 * result.best_val_acc:.2f}%  {result.seconds:.0f}s", markup=False, highlight=False)
+
+    def finish(self, rows, out):
+        self.progress.stop()
+        if not self.quiet:
+            table = Table(title="ablation")
+            for col in ("configuration", "seeds", "final val acc (%)", "best val acc (%)", "delta final", "delta best", "time/run (s)"):
+                table.add_column(col, justify="left" if col == "configuration" else "right")
+            for r in rows:
+                table.add_row(r["configuration"], str(r["seeds"]), f"{r['final_acc']:.2f} ± {r['final_sd']:.2f}",
+                              f"{r['best_acc']:.2f} ± {r['best_sd']:.2f}", f"{r['delta_final']:+.2f}",
+                              f"{r['delta_best']:+.2f}", f"{r['seconds']:.0f}")
+            self.console.print(table)
+        self.console.print(f"ablation directory: {out} (table.md, table.csv, results.csv, chart.png)")
+
+
+@app.command()
+def ablate(
+    plugins: str = typer.Option(..., "--plugins", "-p", help="The tricks to add to the baseline, comma-separated, in order."),
+    cumulative: bool = typer.Option(False, "--cumulative", help="Add the tricks one after another, as the paper's tables do (default: each alone)."),
+    both: bool = typer.Option(False, "--both", help="Train each trick alone and the cumulative sequence."),
+    all_together: bool = typer.Option(False, "--all", help="With each trick alone: also train every trick at once."),
+    seeds: int = typer.Option(1, "--seeds", help="Seeds per configuration: the core seed, +1, ..."),
+    base: Optional[str] = typer.Option(None, "--base", help="Plugins in every configuration, the baseline included, e.g. step."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="A YAML recipe every configuration starts from (its plugin list is replaced)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="plugin.key=value or core.key=value, applied to every configuration that has the plugin (repeatable)."),
+    epochs: Optional[int] = typer.Option(None, help="Training epochs. [default: 20]"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch size. [default: 64]"),
+    lr: Optional[float] = typer.Option(None, help="Base learning rate. [default: 0.1]"),
+    model: Optional[str] = typer.Option(None, help="The model of every configuration. [default: resnet20]"),
+    dataset: Optional[str] = typer.Option(None, help="digits (bundled), cifar10, cifar100, npz or imagefolder. [default: digits]"),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Folder holding the data set."),
+    device: Optional[Device] = typer.Option(None, help="Where to train. [default: auto]"),
+    precision: Optional[Precision] = typer.Option(None, help="fp32, bf16 or fp16. [default: fp32]"),
+    seed: Optional[int] = typer.Option(None, help="The first seed. [default: 0]"),
+    out: Path = typer.Option(Path("ablation"), "--out", "-o", help="The ablation directory; run the same command again to resume it."),
+    registry: Optional[List[Path]] = typer.Option(None, "--registry", help="An extra registry file (repeatable)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the ablation directory at the end."),
+):
+    """Train the baseline and the baseline with each trick added, over seeds, and tabulate.
+
+    Writes OUT/table.md and table.csv (per configuration: mean and spread of the final and best
+    validation accuracy over seeds, delta against the baseline, time), results.csv (per run),
+    chart.png, and every run under OUT/runs/. Interrupted ablations resume where they stopped
+    when the same command is run again; finished runs are not repeated.
+    """
+    from tricks.ablate import ablate as run_ablation
+    from tricks.config import read_recipe
+
+    if cumulative and both:
+        raise TricksError("choose one of --cumulative and --both")
+    mode = "both" if both else "cumulative" if cumulative else "alone"
+    overrides = dict(epochs=epochs, batch_size=batch_size, lr=lr, model=model, dataset=dataset, data_dir=data_dir,
+                     device=device.value if device else None, precision=precision.value if precision else None, seed=seed)
+    names = [p.strip() for p in plugins.split(",") if p.strip()]
+    base_names = [p.strip() for p in (base or "").split(",") if p.strip()]
+    run_ablation(names, mode=mode, seeds=seeds, base=base_names, all_together=all_together, recipe=read_recipe(config) if config else None,
+                 overrides=overrides, sets=set_, out=out, registries=registry, reporter=AblationProgress(console, quiet))
+
+
 def _catalog(registry):
     from tricks.registry import Catalog
 

@@ -42,6 +42,17 @@ class Plugin:
     def __init__(self, settings: Settings | None = None):
         self.settings = settings if settings is not None else self.Settings()
 
+    @classmethod
+    def example_settings(cls, workdir) -> dict:
+        """Settings with which this plugin can run alone on the default data set (``digits``).
+
+        The contract test and the composition tests run every registered plugin with these.
+        The defaults serve most plugins (``{}``); a plugin that needs something to exist - a
+        teacher to distil, a file to read - creates it under ``workdir`` (a fresh directory)
+        and returns the settings that point at it.
+        """
+        return {}
+
 
 def implemented_hooks(plugin_class: type) -> list[str]:
     """The hook names a plugin class implements (methods carrying the hookimpl marker)."""

@@ -9,7 +9,7 @@ being registered, without a test file of its own for the contract. What it check
 * every setting has a default and a description, and the defaults validate;
 * its README, at the registry's ``path``, names the paper (title and arXiv id) and has the
   sections a plugin card needs (see README_SECTIONS);
-* a one-epoch run with only this plugin completes with a finite loss.
+* a one-epoch run with only this plugin (and its ``example_settings``) completes with a finite loss.
 """
 
 from __future__ import annotations
@@ -91,7 +91,9 @@ def test_plugin_contract(name, tmp_path):
         assert any(re.search(pattern, h) for h in headings), f"{name}: README lacks a section on {section}"
 
     # a short run with only this plugin
-    summary = tricks.run(plugins=[name], epochs=1, out=tmp_path / "run", **TINY_API)
+    example = cls.example_settings(tmp_path / "example")
+    sets = [f"{name}.{key}={value}" for key, value in example.items()]
+    summary = tricks.run(plugins=[name], set=sets, epochs=1, out=tmp_path / "run", **TINY_API)
     assert summary["status"] == "complete"
     assert math.isfinite(summary["final_val_loss"])
     assert summary["plugins"] == [name]
