@@ -31,7 +31,7 @@ def write_registry(tmp_path, entries: dict) -> str:
 
 
 def test_unknown_plugin_suggests_close_names():
-    with pytest.raises(TricksError, match=r"unknown plugin 'mixpu': did you mean mixup\?"):
+    with pytest.raises(TricksError, match=r"unknown plugin 'mixpu': did you mean mixup\b"):
         tricks.resolve(plugins="mixpu")
 
 

@@ -54,8 +54,8 @@ def mixup(x: torch.Tensor, target: torch.Tensor, lam: float, perm: torch.Tensor,
     """Mix a batch with its permutation: returns ``(lam*x + (1-lam)*x[perm], lam*y + (1-lam)*y[perm])``
     with ``y`` the one-hot (or already soft) targets."""
     y = soft_targets(target, num_classes)
-    mixed_x = x.mul(lam).add_(x[perm], alpha=1.0 - lam)
-    mixed_y = y.mul(lam).add_(y[perm], alpha=1.0 - lam)
+    mixed_x = x.mul(lam).add_(x.index_select(0, perm), alpha=1.0 - lam)  # index_select: faster than x[perm]
+    mixed_y = y.mul(lam).add_(y.index_select(0, perm), alpha=1.0 - lam)
     return mixed_x, mixed_y
 
 
