@@ -1,0 +1,437 @@
+"""Tests of the kd plugin: the soft term against a reference written with ``F.kl_div`` and
+against its definition, Hinton's gradient ``(q - p) / T``, the weighting around the loss in force,
+loading the teacher from a run directory, a checkpoint file and timm with a weights file, the
+teacher's isolation (eval mode, no gradients, not in the optimizer, the student's exact input),
+the errors a user can meet, and short runs composed with mixup and label smoothing."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tricks
+from tricks.builtin import cross_entropy
+from tricks.models import create_model
+from tricks_kd import KDSettings, KnowledgeDistillation, distillation_loss, load_teacher, soft_loss
+
+K = 10  # digits: 10 classes, 1 channel, 8x8
+B = 8
+TINY = dict(model="resnet8", batch_size=32, train_limit=128, val_limit=64)  # 4 steps
+
+
+def logits(seed: int, b: int = B, k: int = K, scale: float = 3.0, dtype=torch.float64) -> torch.Tensor:
+    return torch.randn(b, k, generator=torch.Generator().manual_seed(seed), dtype=dtype) * scale
+
+
+def images(seed: int = 0, b: int = B) -> torch.Tensor:
+    return torch.randn(b, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def make_ctx(num_classes: int = K, precision: str = "fp32", **core) -> SimpleNamespace:
+    """The part of the run context that build_loss reads, for the digits."""
+    config = tricks.CoreSettings(precision=precision, **core)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype else contextlib.nullcontext
+    return SimpleNamespace(num_classes=num_classes, in_chans=1, image_size=8, device=torch.device("cpu"),
+                           config=config, autocast=autocast)
+
+
+def wrap(plugin, ctx, inner):
+    """Run a plugin's build_loss wrapper around ``inner`` as pluggy would."""
+    gen = plugin.build_loss(ctx)
+    next(gen)
+    with pytest.raises(StopIteration) as stop:
+        gen.send(inner)
+    return stop.value.value
+
+
+def build(ctx, inner, **settings):
+    """The kd loss around ``inner``; returns (loss, plugin)."""
+    plugin = KnowledgeDistillation(KDSettings(**settings))
+    return wrap(plugin, ctx, inner), plugin
+
+
+def reference_soft(z, v, T):
+    """T^2 KL(p || q) written with F.kl_div on probabilities (not log-probabilities)."""
+    return F.kl_div(F.log_softmax(z / T, dim=1), F.softmax(v / T, dim=1), reduction="batchmean") * T * T
+
+
+# --- the teacher, trained once ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    """A resnet8 trained for one epoch on the digits: the tiny teacher of every test here."""
+    out = tmp_path_factory.mktemp("kd") / "teacher"
+    tricks.run(epochs=1, out=out, **TINY)
+    return out
+
+
+def teacher_reference(teacher_dir: Path) -> nn.Module:
+    """The teacher rebuilt by hand: the core's resnet8 with the checkpoint's weights, in eval mode."""
+    model = create_model("resnet8", K, 1)
+    model.load_state_dict(torch.load(teacher_dir / "checkpoints" / "last.pt", weights_only=False)["model"])
+    return model.eval()
+
+
+SEEN: list[dict] = []  # what every RecordingTeacher forward saw
+
+
+class RecordingTeacher(nn.Module):
+    """A teacher that records how it is called, then runs the network it wraps."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        SEEN.append({"x": x, "training": self.training, "grad": torch.is_grad_enabled(),
+                     "autocast": torch.is_autocast_enabled("cpu"), "teacher": self})
+        return self.net(x)
+
+
+def save_model_object(module: nn.Module, path: Path) -> Path:
+    """A checkpoint like the one the core writes after pruning: weights, config and the model."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": module.state_dict(), "config": tricks.resolve(plugins=[]).to_dict(), "model_object": module}, path)
+    return path
+
+
+@pytest.fixture
+def recording(teacher_dir, tmp_path) -> Path:
+    SEEN.clear()
+    return save_model_object(RecordingTeacher(teacher_reference(teacher_dir)), tmp_path / "recording.pt")
+
+
+# --- the math -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("T", [1.0, 4.0, 20.0])
+def test_soft_term_equals_kl_div_reference_and_the_definition(T):
+    z, v = logits(0), logits(1)
+    torch.testing.assert_close(soft_loss(z, v, T), reference_soft(z, v, T))
+    p, log_p, log_q = F.softmax(v / T, 1), F.log_softmax(v / T, 1), F.log_softmax(z / T, 1)
+    by_definition = (p * (log_p - log_q)).sum(1).mean()
+    torch.testing.assert_close(soft_loss(z, v, T, temperature_squared=False), by_definition)
+    torch.testing.assert_close(soft_loss(z, v, T, temperature_squared=True), T * T * by_definition)
+
+
+def test_kl_and_soft_cross_entropy_differ_by_the_teacher_entropy():
+    z, v, T = logits(2), logits(3), 4.0
+    p = F.softmax(v / T, 1)
+    soft_ce = -(p * F.log_softmax(z / T, 1)).sum(1).mean()
+    entropy = -(p * p.log()).sum(1).mean()
+    torch.testing.assert_close(soft_loss(z, v, T, False), soft_ce - entropy)
+    assert soft_loss(v, v, T) == pytest.approx(0.0, abs=1e-12)  # matching the teacher costs nothing
+
+
+@pytest.mark.parametrize("squared", [True, False])
+@pytest.mark.parametrize("T", [1.0, 3.0, 20.0])
+def test_gradient_wrt_student_logits_is_q_minus_p_over_T(T, squared):
+    # Hinton, section 2: dC/dz_i = (q_i - p_i) / T for the soft cross-entropy of one example.
+    z = logits(4).requires_grad_(True)
+    v = logits(5)
+    w = 0.3
+    hard = cross_entropy(z, torch.randint(0, K, (B,), generator=torch.Generator().manual_seed(6)))
+    loss = distillation_loss(z, v, hard, T, w, squared)
+    (grad,) = torch.autograd.grad(loss, z)
+    q, p = F.softmax(z.detach() / T, 1), F.softmax(v / T, 1)
+    hard_grad = (F.softmax(z.detach(), 1) - F.one_hot(torch.randint(0, K, (B,), generator=torch.Generator().manual_seed(6)), K)) / B
+    expected = w * hard_grad + (1 - w) * (T * T if squared else 1.0) * (q - p) / T / B
+    torch.testing.assert_close(grad, expected)
+
+
+def test_high_temperature_limit_is_logit_matching():
+    # With zero-mean logits and the T^2 factor the gradient tends to (z - v) / (N B) as T grows.
+    z = logits(7, scale=1.0)
+    v = logits(8, scale=1.0)
+    z, v = z - z.mean(1, keepdim=True), v - v.mean(1, keepdim=True)
+
+    def relative_error(T):
+        zz = z.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(soft_loss(zz, v, T), zz)
+        limit = (z - v) / (K * B)
+        return ((grad - limit).norm() / limit.norm()).item()
+
+    assert relative_error(100.0) < relative_error(10.0) < relative_error(2.0)
+    assert relative_error(100.0) < 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_soft_term_is_computed_in_float32_from_low_precision_logits(dtype):
+    z, v = logits(9, dtype=torch.float32), logits(10, dtype=torch.float32)
+    got = soft_loss(z.to(dtype), v.to(dtype), 4.0)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, reference_soft(z.to(dtype).float(), v.to(dtype).float(), 4.0))
+
+
+# --- the wrapper ----------------------------------------------------------------------------
+
+
+class RecordingLoss:
+    """A stand-in for the loss in force: records its batches, returns CE against their targets."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __call__(self, output, batch):
+        self.batches.append(batch)
+        return cross_entropy(output, batch["target"])
+
+
+@pytest.mark.parametrize("w", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize("squared", [True, False])
+def test_loss_is_the_weighted_sum_of_the_loss_in_force_and_the_soft_term(teacher_dir, w, squared):
+    inner = RecordingLoss()
+    loss, plugin = build(make_ctx(), inner, teacher=str(teacher_dir), hard_weight=w, temperature=3.0,
+                         temperature_squared=squared)
+    x, y, z = images(11), torch.randint(0, K, (B,)), logits(12, dtype=torch.float32)
+    batch = {"input": x, "target": y}
+    got = loss(z, batch)
+    with torch.no_grad():
+        v = teacher_reference(teacher_dir)(x)
+    soft = reference_soft(z, v, 3.0) / (1.0 if squared else 9.0)
+    expected = w * F.cross_entropy(z, y) + (1 - w) * soft
+    torch.testing.assert_close(got, expected)
+    assert len(inner.batches) == (0 if w == 0 else 1)
+    if w:
+        assert inner.batches[0] is batch  # the loss in force gets the batch as it is
+
+
+def test_label_smoothing_reaches_only_the_hard_term_in_either_order(teacher_dir):
+    from tricks_label_smoothing import LabelSmoothing, LabelSmoothingSettings, smooth_targets
+
+    ctx = make_ctx()
+    smoothing = LabelSmoothing(LabelSmoothingSettings(epsilon=0.2))
+    kd_inside, _ = build(ctx, RecordingLoss(), teacher=str(teacher_dir))
+    ls_outside = wrap(smoothing, ctx, kd_inside)
+    inner = RecordingLoss()
+    kd_outside, _ = build(ctx, wrap(smoothing, ctx, inner), teacher=str(teacher_dir))
+    x, y, z = images(20), torch.randint(0, K, (B,)), logits(21, dtype=torch.float32)
+    expected_hard = cross_entropy(z, smooth_targets(y, 0.2, K, "paper"))
+    with torch.no_grad():
+        expected_soft = reference_soft(z, teacher_reference(teacher_dir)(x), 4.0)
+    for loss in (ls_outside, kd_outside):
+        torch.testing.assert_close(loss(z, {"input": x, "target": y}), 0.5 * expected_hard + 0.5 * expected_soft)
+
+
+def test_channels_last_puts_the_teacher_in_channels_last(teacher_dir):
+    loss, plugin = build(make_ctx(channels_last=True), RecordingLoss(), teacher=str(teacher_dir))
+    convs = [m.weight for m in plugin.teacher.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    x = images(22).contiguous(memory_format=torch.channels_last)
+    assert math.isfinite(loss(logits(23, dtype=torch.float32), {"input": x, "target": torch.randint(0, K, (B,))}).item())
+
+
+def test_hard_weight_one_is_the_loss_in_force_and_the_teacher_is_not_run(recording):
+    inner = RecordingLoss()
+    loss, plugin = build(make_ctx(), inner, teacher=str(recording), hard_weight=1.0)
+    assert loss is inner
+    SEEN.clear()
+    x, y, z = images(13), torch.randint(0, K, (B,)), logits(14, dtype=torch.float32)
+    assert torch.equal(loss(z, {"input": x, "target": y}), F.cross_entropy(z, y))
+    assert SEEN == []
+
+
+def test_the_teacher_is_frozen_sees_the_input_itself_and_gets_no_gradient(recording):
+    ctx = make_ctx()
+    loss, plugin = build(ctx, RecordingLoss(), teacher=str(recording))
+    teacher = plugin.teacher
+    assert not teacher.training and all(not m.training for m in teacher.modules())
+    assert all(not p.requires_grad for p in teacher.parameters())
+    SEEN.clear()
+    student = create_model("resnet8", K, 1)
+    x = images(15)
+    out = student(x)
+    value = loss(out, {"input": x, "target": torch.randint(0, K, (B,))})
+    value.backward()
+    (seen,) = SEEN
+    assert seen["x"] is x and not seen["training"] and not seen["grad"]
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is not None for p in student.parameters())
+    teacher.train()  # a plugin that calls .train() on every module: the loss puts it back
+    loss(student(x), {"input": x, "target": torch.randint(0, K, (B,))})
+    assert not SEEN[-1]["training"] and not teacher.training
+
+
+# --- teacher sources ------------------------------------------------------------------------
+
+
+def test_teacher_from_a_run_directory_and_from_its_checkpoint_file(teacher_dir):
+    x = images(16)
+    with torch.no_grad():
+        expected = teacher_reference(teacher_dir)(x)
+    for source in (teacher_dir, teacher_dir / "checkpoints" / "last.pt"):
+        teacher = load_teacher(str(source), make_ctx())
+        assert isinstance(teacher, type(create_model("resnet8", K, 1)))
+        with torch.no_grad():
+            torch.testing.assert_close(teacher.eval()(x), expected)
+
+
+def test_loading_the_teacher_leaves_the_random_state_alone(teacher_dir):
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    load_teacher(str(teacher_dir), make_ctx())
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_teacher_is_rebuilt_from_the_teacher_runs_own_config(tmp_path):
+    # The teacher run used resnet14 (the student resnet8) and itself distilled from another
+    # teacher: its model comes from its own core settings, its plugins are instantiated.
+    cfg = tricks.resolve(plugins=["mixup", "kd"], overrides={"model": "resnet14"},
+                         sets=["kd.teacher=/elsewhere/teacher", "mixup.alpha=1.0"])
+    net = create_model("resnet14", K, 1)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": net.state_dict(), "config": cfg.to_dict()}, path)
+    teacher = load_teacher(str(path), make_ctx(model="resnet8"))
+    assert len(teacher.stages[0]) == 2  # resnet14: two blocks per stage, resnet8 one
+    x = images(17)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher.eval()(x), net.eval()(x))
+
+
+def test_teacher_from_a_model_object_checkpoint(recording):
+    loss, plugin = build(make_ctx(), RecordingLoss(), teacher=str(recording))
+    assert isinstance(plugin.teacher, RecordingTeacher)
+
+
+@pytest.mark.parametrize("layout", ["state_dict", "checkpoint", "ddp"])
+def test_teacher_from_timm_with_a_weights_file(tmp_path, layout):
+    import timm
+
+    net = timm.create_model("resnet18", num_classes=K, in_chans=1).eval()
+    state = net.state_dict()
+    saved = {"state_dict": state, "epoch": 3} if layout == "checkpoint" else state
+    if layout == "ddp":
+        saved = {f"module.{k}": v for k, v in state.items()}
+    torch.save(saved, tmp_path / "weights.pt")
+    loss, plugin = build(make_ctx(), RecordingLoss(), teacher="timm:resnet18", teacher_weights=str(tmp_path / "weights.pt"))
+    x = images(18)
+    with torch.no_grad():
+        torch.testing.assert_close(plugin.teacher(x), net(x))
+
+
+def test_a_timm_teacher_without_weights_is_refused_unless_allowed():
+    with pytest.raises(tricks.TricksError, match=r"kd\.teacher_weights=FILE"):
+        build(make_ctx(), RecordingLoss(), teacher="timm:resnet18")
+    loss, plugin = build(make_ctx(), RecordingLoss(), teacher="timm:resnet18", allow_random_teacher=True)
+    assert not plugin.teacher.training
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+def test_no_teacher_says_how_to_give_one():
+    for teacher in ("", "   "):
+        with pytest.raises(tricks.TricksError, match=r"--set kd\.teacher=RUN_DIR\|CHECKPOINT\|timm:NAME"):
+            build(make_ctx(), RecordingLoss(), teacher=teacher)
+
+
+def test_bad_teacher_paths_name_the_problem(tmp_path):
+    with pytest.raises(tricks.TricksError, match="neither a run directory"):
+        build(make_ctx(), RecordingLoss(), teacher=str(tmp_path / "nowhere"))
+    with pytest.raises(tricks.TricksError, match="has no checkpoints/last.pt"):
+        build(make_ctx(), RecordingLoss(), teacher=str(tmp_path))
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(tricks.TricksError, match="cannot read the teacher checkpoint"):
+        build(make_ctx(), RecordingLoss(), teacher=str(tmp_path / "junk.pt"))
+    torch.save({"fc.weight": torch.zeros(K, 4)}, tmp_path / "weights.pt")
+    with pytest.raises(tricks.TricksError, match="not a tricks checkpoint.*teacher_weights"):
+        build(make_ctx(), RecordingLoss(), teacher=str(tmp_path / "weights.pt"))
+    with pytest.raises(tricks.TricksError, match="timm has no model"):
+        build(make_ctx(), RecordingLoss(), teacher="timm:resnet_nonexistent", allow_random_teacher=True)
+
+
+def test_class_count_mismatch_names_both(teacher_dir, recording, tmp_path):
+    for source in (teacher_dir, recording):  # rebuilt from the config, and a pickled model
+        with pytest.raises(tricks.TricksError, match=r"has 10 classes but the student's data has 5"):
+            build(make_ctx(num_classes=5), RecordingLoss(), teacher=str(source))
+    import timm
+
+    torch.save(timm.create_model("resnet18", num_classes=7, in_chans=1).state_dict(), tmp_path / "w7.pt")
+    with pytest.raises(tricks.TricksError, match=r"has 7 classes but the student's data has 10"):
+        build(make_ctx(), RecordingLoss(), teacher="timm:resnet18", teacher_weights=str(tmp_path / "w7.pt"))
+
+
+def test_settings_errors_name_the_key():
+    with pytest.raises(tricks.TricksError, match=r"kd\.temperature"):
+        tricks.resolve(plugins=["kd"], sets=["kd.temperature=0"])
+    with pytest.raises(tricks.TricksError, match=r"kd\.hard_weight"):
+        tricks.resolve(plugins=["kd"], sets=["kd.hard_weight=1.5"])
+    with pytest.raises(tricks.TricksError, match=r"kd\.teacher_weights.*timm:NAME"):
+        tricks.resolve(plugins=["kd"], sets=["kd.teacher=runs/t", "kd.teacher_weights=w.pt"])
+    cfg = tricks.resolve(plugins=["kd"], sets=["kd.teacher=timm:resnet18", "kd.teacher_weights=w.pt", "kd.temperature=20"])
+    assert cfg.settings["kd"].temperature == 20 and cfg.settings["kd"].teacher_weights == "w.pt"
+
+
+# --- in a run -------------------------------------------------------------------------------
+
+
+class _Watch(tricks.Plugin):
+    """An ad-hoc plugin: records the student's inputs and targets and the optimizer's parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs, self.targets, self.optimized = [], [], set()
+
+    @tricks.hookimpl
+    def on_fit_start(self, ctx):
+        self.optimized = {id(p) for g in ctx.optimizer.param_groups for p in g["params"]}
+        ctx.model.register_forward_pre_hook(lambda module, args: self.inputs.append(args[0]) if module.training else None)
+
+    @tricks.hookimpl
+    def on_batch(self, ctx, batch):
+        self.targets.append(batch["target"])
+
+
+def test_a_run_composed_with_mixup_and_label_smoothing(teacher_dir, tmp_path):
+    watch = _Watch()
+    summary = tricks.run(plugins=["mixup", "label_smoothing", "kd", watch], set=[f"kd.teacher={teacher_dir}"],
+                         epochs=1, out=tmp_path / "run", **TINY)
+    assert summary["status"] == "complete" and math.isfinite(summary["final_val_loss"])
+    assert summary["plugins"] == ["mixup", "label_smoothing", "kd"]
+    assert len(watch.inputs) == 4 and all(t.shape == (32, K) for t in watch.targets)  # mixed soft targets
+
+
+def test_in_a_run_the_teacher_sees_the_students_mixed_input_in_eval_mode_without_gradients(recording, tmp_path):
+    watch = _Watch()
+    tricks.run(plugins=["mixup", "kd", watch], set=[f"kd.teacher={recording}", "mixup.alpha=1.0"],
+               epochs=1, out=tmp_path / "run", **TINY)
+    steps = [s for s in SEEN if s["x"].shape[0] == 32]  # leaves out the one-image shape check at build
+    assert len(steps) == len(watch.inputs) == 4
+    for seen, student_input, target in zip(steps, watch.inputs, watch.targets):
+        assert seen["x"] is student_input  # the very tensor the student was given
+        assert target.is_floating_point()  # ... after mixup
+        assert not seen["training"] and not seen["grad"]
+    teacher = steps[0]["teacher"]
+    assert all(s["teacher"] is teacher for s in steps)
+    assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
+    assert not {id(p) for p in teacher.parameters()} & watch.optimized
+
+
+def test_a_bf16_run_on_the_cpu(recording, tmp_path):
+    summary = tricks.run(plugins=["kd"], set=[f"kd.teacher={recording}"], precision="bf16", epochs=1,
+                         out=tmp_path / "run", **TINY)
+    assert summary["status"] == "complete" and math.isfinite(summary["final_val_loss"])
+    steps = [s for s in SEEN if s["x"].shape[0] == 32]
+    assert steps and all(s["autocast"] for s in steps)  # the teacher ran under the run's autocast
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_the_loss_under_low_precision_autocast(teacher_dir, precision):
+    ctx = make_ctx(precision=precision)
+    loss, plugin = build(ctx, RecordingLoss(), teacher=str(teacher_dir))
+    student = create_model("resnet8", K, 1)
+    x = images(19)
+    with ctx.autocast():
+        value = loss(student(x), {"input": x, "target": torch.randint(0, K, (B,))})
+    assert value.dtype == torch.float32 and math.isfinite(value.item())
+    value.backward()
+    assert all(p.grad is None for p in plugin.teacher.parameters())

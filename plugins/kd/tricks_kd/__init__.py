@@ -1,0 +1,302 @@
+"""Knowledge distillation (Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network",
+arXiv 1503.02531), in the weighted form of gluon-cv and "Bag of Tricks" (arXiv 1812.01187).
+
+``loss = w * inner(output, batch) + (1 - w) * T^2 * KL(softmax(v / T) || softmax(z / T))``
+
+with ``z`` the student's logits, ``v`` the teacher's on the same (possibly mixed) input, ``T`` the
+temperature, ``w`` the weight of the hard term and ``inner`` the loss in force (cross-entropy,
+with smoothed or mixed targets when other plugins change them). The KL is averaged over the batch
+(``batchmean``); it differs from the soft-target cross-entropy only by the teacher's entropy, a
+constant for the student, so the gradients are the same: ``(1 - w) * T * (q - p)`` per example
+with the factor ``T^2`` (``(q - p) / T`` without it), ``q`` and ``p`` the student's and the
+teacher's softened distributions.
+
+The functions below are the math, usable without the framework; :class:`KnowledgeDistillation`
+loads the teacher and wraps the loss in force.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from pydantic import field_validator
+
+import tricks
+
+__version__ = "0.1.0"
+
+CHECKPOINT = Path("checkpoints") / "last.pt"
+HOW = "give one with --set kd.teacher=RUN_DIR|CHECKPOINT|timm:NAME"
+
+
+# --- the math ------------------------------------------------------------------------------
+
+
+def soft_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+              temperature_squared: bool = True) -> torch.Tensor:
+    """``[T^2 *] KL(softmax(teacher / T) || softmax(student / T))``, averaged over the batch.
+
+    Computed in float32 (or float64 when given) from ``log_softmax`` of both; the teacher's
+    logits are detached. Its gradient with respect to the student's logits is ``(q - p) / T``
+    per example (divided by the batch size), times ``T^2`` when ``temperature_squared``.
+    """
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    log_q = F.log_softmax(student_logits.to(dtype) / temperature, dim=1)
+    log_p = F.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=1)
+    kl = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+    return kl * (temperature * temperature) if temperature_squared else kl
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, hard_loss: torch.Tensor,
+                      temperature: float, hard_weight: float, temperature_squared: bool = True) -> torch.Tensor:
+    """``hard_weight * hard_loss + (1 - hard_weight) * soft_loss(...)``."""
+    soft = soft_loss(student_logits, teacher_logits, temperature, temperature_squared)
+    return hard_weight * hard_loss + (1.0 - hard_weight) * soft
+
+
+# --- the teacher ---------------------------------------------------------------------------
+
+
+def _strip_prefix(state: dict) -> dict:
+    """Drop a ``module.`` prefix that DistributedDataParallel leaves on every key."""
+    if state and all(isinstance(k, str) and k.startswith("module.") for k in state):
+        return {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _head_classes(model: torch.nn.Module, state: dict, num_classes: int) -> int | None:
+    """The class count a state dict was trained for, read at the model's last linear layer when
+    that layer is the head (it has ``num_classes`` outputs in the model); else ``None``."""
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    if linears and linears[-1][1].out_features == num_classes:
+        name = linears[-1][0]
+        weight = state.get(f"{name}.weight" if name else "weight")
+        if isinstance(weight, torch.Tensor) and weight.ndim == 2:
+            return int(weight.shape[0])
+    return None
+
+
+def load_weights(model: torch.nn.Module, state: dict, source: str, num_classes: int) -> None:
+    """Load ``state`` into ``model`` strictly; a wrong class count or shape is a TricksError."""
+    state = _strip_prefix(state)
+    own = model.state_dict()
+    theirs = _head_classes(model, state, num_classes)
+    if theirs is not None and theirs != num_classes:
+        raise tricks.TricksError(f"the teacher {source} has {theirs} classes but the student's data has {num_classes}; "
+                                 "distil from a teacher trained on the same classes")
+    shapes = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
+              if k in own and isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(own[k].shape)]
+    if shapes:
+        key, got, want = shapes[0]
+        raise tricks.TricksError(f"the teacher weights in {source} do not fit the teacher model: {key} has shape "
+                                 f"{list(got)}, the model needs {list(want)}; use weights of the same architecture, "
+                                 f"classes and input channels")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise tricks.TricksError(f"the teacher weights in {source} do not match the teacher model ({what}); "
+                                 "use weights of the same architecture")
+
+
+def _read_checkpoint(path: Path) -> dict:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # not a torch file, truncated, ...
+        raise tricks.TricksError(f"cannot read the teacher checkpoint {path}: {type(error).__name__}: {error}")
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
+        raise tricks.TricksError(f"{path} is not a tricks checkpoint (no 'model' and 'config'); "
+                                 "for other weights use --set kd.teacher=timm:NAME --set kd.teacher_weights=FILE")
+    return checkpoint
+
+
+def _rebuild(config: dict, ctx, source: str) -> torch.nn.Module:
+    """Build the teacher's model the way its run did: its plugins' ``build_model`` hooks and the
+    core's provider, with the teacher's core settings and the student's data shape."""
+    from tricks.builtin import CoreDefaults
+    from tricks.hooks import Hooks
+
+    recipe = {k: v for k, v in config.items() if k != "adhoc_plugins"}
+    if config.get("adhoc_plugins"):
+        _log(ctx, f"kd: the teacher run also used ad-hoc plugins ({', '.join(config['adhoc_plugins'])}), "
+                  "which cannot be re-created; its model is rebuilt without them")
+    try:
+        cfg = tricks.resolve(recipe=recipe)
+    except tricks.TricksError as error:
+        raise tricks.TricksError(f"cannot rebuild the teacher of {source}: {error}")
+    hooks = Hooks(cfg.instantiate(), core=CoreDefaults())
+    teacher_ctx = tricks.RunContext(
+        config=cfg.core, run=cfg, device=ctx.device, rank=getattr(ctx, "rank", 0),
+        world_size=getattr(ctx, "world_size", 1), run_dir=None, num_classes=ctx.num_classes,
+        in_chans=ctx.in_chans, image_size=ctx.image_size, train_size=getattr(ctx, "train_size", 0),
+        steps_per_epoch=getattr(ctx, "steps_per_epoch", 1), epochs=cfg.core.epochs,
+        reporter=getattr(ctx, "reporter", None) or tricks.Reporter(),
+    )
+    model = hooks.build_model(teacher_ctx)
+    if model is None:
+        raise tricks.TricksError(f"no plugin of the teacher run {source} built a model")
+    student_data = getattr(getattr(ctx, "config", None), "dataset", None)
+    if student_data is not None and cfg.core.dataset != student_data:
+        _log(ctx, f"kd: the teacher was trained on {cfg.core.dataset}, the student trains on {student_data}")
+    return model
+
+
+def load_teacher(teacher: str, ctx, weights: str = "", allow_random: bool = False) -> torch.nn.Module:
+    """The teacher model with its weights (on the CPU, unless a model provider put it elsewhere),
+    for a student with ``ctx.num_classes`` classes and ``ctx.in_chans`` input channels.
+
+    ``teacher`` is a tricks run directory (its ``checkpoints/last.pt``), a checkpoint file, or
+    ``timm:NAME`` (then ``weights`` is a state dict file, or a checkpoint dict with
+    ``state_dict`` or ``model``). The global random state is left as it was.
+    """
+    teacher = (teacher or "").strip()
+    if not teacher:
+        raise tricks.TricksError(f"kd needs a teacher; {HOW}")
+    with torch.random.fork_rng(devices=[]):
+        if teacher.startswith("timm:"):
+            return _timm_teacher(teacher, ctx, weights, allow_random)
+        path = Path(teacher).expanduser()
+        if path.is_dir():
+            if not (path / CHECKPOINT).is_file():
+                raise tricks.TricksError(f"the teacher run {path} has no {CHECKPOINT}; train it first "
+                                         f"(tricks run --out {path}) or point kd.teacher at a checkpoint file")
+            path = path / CHECKPOINT
+        elif not path.is_file():
+            raise tricks.TricksError(f"the teacher {teacher} is neither a run directory, a checkpoint file nor timm:NAME; {HOW}")
+        checkpoint = _read_checkpoint(path)
+        model = checkpoint.get("model_object")
+        if model is None:
+            model = _rebuild(checkpoint["config"], ctx, str(path))
+        load_weights(model, checkpoint["model"], str(path), ctx.num_classes)
+        return model
+
+
+def _timm_teacher(teacher: str, ctx, weights: str, allow_random: bool) -> torch.nn.Module:
+    from tricks.models import create_model
+
+    if not weights and not allow_random:
+        raise tricks.TricksError(f"the teacher {teacher} has no weights, and a random teacher teaches nothing; "
+                                 "give them with --set kd.teacher_weights=FILE (or allow_random_teacher=true for tests)")
+    model = create_model(teacher, ctx.num_classes, ctx.in_chans)
+    if weights:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise tricks.TricksError(f"kd.teacher_weights {weights} is not a file; give a state dict saved with torch.save")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as error:
+            raise tricks.TricksError(f"cannot read the teacher weights {path}: {type(error).__name__}: {error}")
+        if isinstance(state, dict):
+            for key in ("state_dict", "model", "state_dict_ema"):
+                if isinstance(state.get(key), dict):
+                    state = state[key]
+                    break
+        if not isinstance(state, dict):
+            raise tricks.TricksError(f"the teacher weights {path} hold no state dict; save model.state_dict() with torch.save")
+        load_weights(model, state, str(path), ctx.num_classes)
+    return model
+
+
+def _log(ctx, message: str) -> None:
+    log = getattr(ctx, "log", None)
+    if log is not None:
+        log(message)
+
+
+def prepare_teacher(model: torch.nn.Module, device, channels_last: bool = False) -> torch.nn.Module:
+    """The teacher frozen: eval mode, no parameter requires a gradient, on ``device``."""
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _probe(model: torch.nn.Module, ctx, source: str) -> None:
+    """One forward pass on a blank input of the student's shape: the teacher must take the
+    student's images and return one logit per class."""
+    x = torch.zeros(1, ctx.in_chans, ctx.image_size, ctx.image_size, device=ctx.device)
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as error:
+        raise tricks.TricksError(f"the teacher {source} cannot take the student's {ctx.in_chans}x{ctx.image_size}x"
+                                 f"{ctx.image_size} inputs: {type(error).__name__}: {str(error).splitlines()[0]}")
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != ctx.num_classes:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        if isinstance(out, torch.Tensor) and out.ndim == 2:
+            raise tricks.TricksError(f"the teacher {source} has {out.shape[1]} classes but the student's data has "
+                                     f"{ctx.num_classes}; distil from a teacher trained on the same classes")
+        raise tricks.TricksError(f"the teacher {source} returns {got}, not [batch, classes] logits; "
+                                 "distil from a classifier of the student's classes")
+
+
+# --- the plugin ----------------------------------------------------------------------------
+
+
+class KDSettings(tricks.Settings):
+    teacher: str = tricks.Field("", description="the teacher: a tricks run directory, a checkpoint file (checkpoints/last.pt), or timm:NAME")
+    teacher_weights: str = tricks.Field("", description="weights of a timm:NAME teacher: a state dict file (or a checkpoint dict with state_dict or model)")
+    allow_random_teacher: bool = tricks.Field(False, description="allow a timm:NAME teacher without weights (for tests only: a random teacher teaches nothing)")
+    temperature: float = tricks.Field(4.0, gt=0, description="softmax temperature T of teacher and student in the soft term (gluon-cv and Hinton's MNIST: 20)")
+    hard_weight: float = tricks.Field(0.5, ge=0, le=1, description="weight w of the loss in force; the soft term gets 1 - w")
+    temperature_squared: bool = tricks.Field(True, description="multiply the soft term by T^2 so its gradients keep their size as T changes (Hinton)")
+
+    @field_validator("teacher_weights")
+    @classmethod
+    def _weights_need_timm(cls, value, info):
+        teacher = (info.data.get("teacher") or "").strip()
+        if value and not teacher.startswith("timm:"):
+            raise ValueError("only for a timm:NAME teacher; a run directory or checkpoint carries its own weights")
+        return value
+
+
+class KnowledgeDistillation(tricks.Plugin):
+    """Distil a frozen teacher into the student: the loss in force plus the softened KL to the teacher."""
+
+    Settings = KDSettings
+
+    def __init__(self, settings: KDSettings | None = None):
+        super().__init__(settings)
+        self.teacher: torch.nn.Module | None = None
+
+    @classmethod
+    def example_settings(cls, workdir) -> dict:
+        """A teacher trained for one epoch on the digits (resnet8, a few seconds on a CPU)."""
+        out = Path(workdir) / "teacher"
+        tricks.run(epochs=1, model="resnet8", batch_size=32, train_limit=256, val_limit=128, out=out,
+                   reporter=tricks.Reporter())
+        return {"teacher": str(out)}
+
+    @tricks.hookimpl(wrapper=True)
+    def build_loss(self, ctx):
+        inner = yield
+        s = self.settings
+        source = s.teacher.strip()
+        teacher = load_teacher(source, ctx, s.teacher_weights, s.allow_random_teacher)
+        teacher = prepare_teacher(teacher, ctx.device, bool(getattr(ctx.config, "channels_last", False)))
+        _probe(teacher, ctx, source)
+        self.teacher = teacher
+        _log(ctx, f"kd: teacher {source} ({sum(p.numel() for p in teacher.parameters()):,} parameters), "
+                  f"T={s.temperature:g}, hard_weight={s.hard_weight:g}")
+        temperature, hard_weight, squared = s.temperature, s.hard_weight, s.temperature_squared
+        autocast = getattr(ctx, "autocast", contextlib.nullcontext)
+
+        if hard_weight == 1.0:
+            return inner  # the soft term has no weight: the loss in force, and no teacher pass
+
+        def distilled(output, batch):
+            if teacher.training:  # something called .train() on every module
+                teacher.eval()
+            with torch.no_grad(), autocast():
+                teacher_logits = teacher(batch["input"])
+            soft = soft_loss(output, teacher_logits, temperature, squared)
+            if hard_weight == 0.0:
+                return soft
+            return hard_weight * inner(output, batch) + (1.0 - hard_weight) * soft
+
+        return distilled
