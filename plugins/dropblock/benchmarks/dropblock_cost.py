@@ -1,0 +1,94 @@
+"""What DropBlock adds to a training step.
+
+    python plugins/dropblock/benchmarks/dropblock_cost.py [--device cpu|cuda] [--repeats 20]
+
+Prints (1) the median time of one DropBlock layer (forward) on the feature maps of the last two
+stages of ResNet-50 at 224x224 and of a CIFAR ResNet at 32x32, next to the time of an
+elementwise product of the same tensors (the least any mask costs); (2) the median time of a
+training step (forward, backward, SGD step) of a CIFAR-shaped ResNet with and without the
+plugin's default insertion (last two stages, branch and shortcut), with every keep_prob at 0.9.
+On CUDA the device is synchronized around every call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from tricks_dropblock import drop_block, dropblock_layers, insert_dropblock
+
+MAPS = {  # name: (batch, channels, side)
+    "ResNet-50 stage 3, 224px, batch 32": (32, 1024, 14),
+    "ResNet-50 stage 4, 224px, batch 32": (32, 2048, 7),
+    "resnet20 stage 2, 32px, batch 128": (128, 32, 16),
+    "resnet20 stage 3, 32px, batch 128": (128, 64, 8),
+}
+
+
+def median_seconds(fn, repeats: int, sync) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def step_time(model, x, y, repeats, sync) -> float:
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def step():
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return median_seconds(step, repeats, sync)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--model", default="resnet20")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
+    print("one layer, forward (block_size 7, keep_prob 0.9) vs x * mask:")
+    for name, (b, c, side) in MAPS.items():
+        x = torch.randn(b, c, side, side, device=device)
+        mask = torch.ones_like(x)
+        t_drop = median_seconds(lambda: drop_block(x, 0.9, 7), args.repeats, sync)
+        t_mul = median_seconds(lambda: x * mask, args.repeats, sync)
+        print(f"  {name:40s} dropblock {1e3 * t_drop:8.2f} ms   x*mask {1e3 * t_mul:7.2f} ms")
+
+    from tricks.models import create_model
+
+    x = torch.randn(128, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (128,), device=device)
+    torch.manual_seed(0)
+    plain = create_model(args.model, 10, 3).to(device).train()
+    torch.manual_seed(0)
+    dropped = create_model(args.model, 10, 3)
+    insert_dropblock(dropped)
+    dropped = dropped.to(device).train()
+    for layer in dropblock_layers(dropped):
+        layer.set_keep_prob(0.9)
+    t_plain = step_time(plain, x, y, args.repeats, sync)
+    t_drop = step_time(dropped, x, y, args.repeats, sync)
+    n = len(dropblock_layers(dropped))
+    print(f"training step, {args.model}, batch 128x3x32x32: plain {1e3 * t_plain:.1f} ms, "
+          f"with {n} DropBlock layers {1e3 * t_drop:.1f} ms (+{100 * (t_drop / t_plain - 1):.0f}%)")
+
+
+if __name__ == "__main__":
+    main()
