@@ -1,0 +1,87 @@
+"""Every pair of registered plugins that the registry does not mark as conflicting trains together
+for a few steps; the pairs it marks are refused with a one-line error naming the conflict; and the
+largest conflict-free bag trains at once, in fp32 and in each low precision.
+
+A plugin joins these tests by being registered. Each plugin runs with its ``example_settings``
+(the defaults for most; a teacher for kd).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import tricks
+from tricks.registry import EXCLUSIVE, Catalog, default_registry_file, load_registry_file
+
+ENTRIES = {name: entry for name, (entry, _) in load_registry_file(default_registry_file()).items()}
+NAMES = sorted(ENTRIES)
+# two steps of 32 digits, a small validation set
+FEW_STEPS = dict(model="resnet8", batch_size=32, train_limit=64, val_limit=32, epochs=1, device="cpu")
+
+
+def conflicting(a: str, b: str) -> bool:
+    """What the registry declares: a listed conflict, or the same exclusive capability."""
+    ea, eb = ENTRIES[a], ENTRIES[b]
+    return b in ea.conflicts or a in eb.conflicts or bool(set(ea.provides) & set(eb.provides) & set(EXCLUSIVE))
+
+
+def bag() -> list[str]:
+    """The registered plugins, mixup first (the paper's recipe has it) and then in name order,
+    skipping each that conflicts with one already in."""
+    chosen: list[str] = []
+    for name in sorted(NAMES, key=lambda n: (n != "mixup", n)):
+        if not any(conflicting(name, other) for other in chosen):
+            chosen.append(name)
+    return chosen
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory):
+    """Each plugin's example settings as ``--set`` strings, made once for the module."""
+    catalog, cache = Catalog(), {}
+
+    def sets(name: str) -> list[str]:
+        if name not in cache:
+            cls = catalog.plugins[name].load()
+            example = cls.example_settings(tmp_path_factory.mktemp(f"example-{name}"))
+            cache[name] = [f"{name}.{k}={v}" for k, v in example.items()]
+        return cache[name]
+
+    return sets
+
+
+PAIRS = list(itertools.combinations(NAMES, 2))
+
+
+@pytest.mark.parametrize("a, b", PAIRS, ids=[f"{a}+{b}" for a, b in PAIRS])
+def test_every_pair_trains_together_unless_the_registry_says_they_conflict(a, b, examples, tmp_path):
+    if conflicting(a, b):
+        with pytest.raises(tricks.TricksError, match="conflict"):
+            tricks.resolve(plugins=[a, b])
+        return
+    summary = tricks.run(plugins=[a, b], set=examples(a) + examples(b), out=tmp_path / "run", **FEW_STEPS)
+    assert summary["status"] == "complete"
+    assert math.isfinite(summary["final_val_loss"])
+
+
+def test_the_registry_declares_why_the_bag_of_tricks_cannot_all_run_together():
+    # two schedules; cutmix with mixup (cutmix offers its own switch to mixup instead)
+    assert conflicting("cosine", "step")
+    assert conflicting("cutmix", "mixup")
+    assert not conflicting("warmup", "cosine") and not conflicting("warmup", "step")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_the_whole_bag_trains_at_once(precision, examples, tmp_path):
+    names = bag()
+    assert {"mixup", "kd", "dropblock", "label_smoothing", "warmup", "zero_gamma"} <= set(names)
+    sets = [s for n in names for s in examples(n)]
+    summary = tricks.run(plugins=names, set=sets, out=tmp_path / "run", precision=precision, **FEW_STEPS)
+    assert summary["status"] == "complete"
+    assert math.isfinite(summary["final_val_loss"])
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
