@@ -125,7 +125,9 @@ def augmentations(side: int, num_classes: int, epochs: int, with_timm: bool):
     ctx = SimpleNamespace(num_classes=num_classes, epoch=epochs, epochs=epochs, log=print)
     plugins = {
         "mixup": ("mixup", Mixup(MixupSettings(alpha=0.2))),
+        "mixup, reverse pairing (as timm)": ("mixup", Mixup(MixupSettings(alpha=0.2, pairing="reverse"))),
         "cutmix": ("cutmix", CutMix(CutMixSettings(alpha=1.0))),
+        "cutmix, reverse pairing (as timm)": ("cutmix", CutMix(CutMixSettings(alpha=1.0, pairing="reverse"))),
         "cutout": (None, Cutout(CutoutSettings(length=max(1, side // 2)))),
         "gridmask": (None, GridMask(GridMaskSettings())),
     }

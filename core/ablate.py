@@ -16,6 +16,7 @@ import io as _io
 import json
 import math
 import statistics
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ def plan(tricks: list[str], mode: str = "alone", base: list[str] | None = None, 
         for t in tricks:
             configs.append(Configuration(f"+ {t}", f"only-{t}", base + [t], [t]))
         if all_together and mode == "alone" and len(tricks) > 1:
-            configs.append(Configuration("+ all: " + " + ".join(tricks), "all", base + tricks, list(tricks)))
+            configs.append(Configuration("+ all of them", "all", base + tricks, list(tricks)))
     if mode in ("cumulative", "both"):
         for i in range(1, len(tricks) + 1):
             added = tricks[:i]
@@ -159,11 +160,12 @@ def plot_chart(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [r["configuration"] for r in rows][::-1]
+    labels = [textwrap.fill(r["configuration"], 34) for r in rows][::-1]
     final = [r["final_acc"] for r in rows][::-1]
     spread = [r["final_sd"] for r in rows][::-1]
     best = [r["best_acc"] for r in rows][::-1]
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.4))
+    lines = sum(label.count("\n") + 1 for label in labels)
+    fig, ax = plt.subplots(figsize=(9, 0.32 * lines + 0.25 * len(rows) + 1.8))
     y = range(len(rows))
     ax.barh(y, final, xerr=spread, color="tab:blue", alpha=0.8, capsize=3, label="final (mean ± sd)")
     ax.scatter(best, y, color="tab:orange", zorder=3, label="best (mean)", marker="D", s=18)
@@ -174,10 +176,10 @@ def plot_chart(rows: list[dict], path: Path, title: str) -> None:
     ax.set_xlim(max(0.0, low - pad), min(100.0, high + pad))
     ax.set_yticks(list(y), labels)
     ax.set_xlabel("validation accuracy (%)")
-    ax.set_title(title)
+    ax.set_title(textwrap.fill(title, 70), fontsize=10)
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.5 / fig.get_figheight(), 1, 1))
     io.write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
 

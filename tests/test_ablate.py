@@ -31,7 +31,7 @@ def test_alone_trains_the_baseline_and_each_trick_on_its_own():
 def test_all_adds_every_trick_at_once_to_the_tricks_alone():
     configs = plan(TRICKS, "alone", all_together=True)
     assert [c.plugins for c in configs][-2:] == [["cosine"], TRICKS]
-    assert configs[-1].label == "+ all: warmup + zero_gamma + cosine"
+    assert configs[-1].label == "+ all of them" and configs[-1].slug == "all"
     assert plan(TRICKS, "cumulative", all_together=True) == plan(TRICKS, "cumulative")
 
 

@@ -85,3 +85,9 @@ def test_the_whole_bag_trains_at_once(precision, examples, tmp_path):
     assert math.isfinite(summary["final_val_loss"])
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("name", sorted(set(NAMES) - set(bag())))
+def test_the_plugins_left_out_of_the_bag_train_in_fp16(name, examples, tmp_path):
+    summary = tricks.run(plugins=[name], set=examples(name), out=tmp_path / "run", precision="fp16", **FEW_STEPS)
+    assert summary["status"] == "complete" and math.isfinite(summary["final_val_loss"])
