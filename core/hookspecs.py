@@ -104,7 +104,8 @@ def on_batch(ctx, batch):
     Parameters:
         ctx: the run context (``ctx.step``, ``ctx.epoch`` are current).
         batch: a mapping with at least ``input`` (float ``[B, C, H, W]``, normalized) and
-            ``target`` (``int64 [B]`` or floating ``[B, K]`` soft targets).
+            ``target`` (``int64 [B]`` or floating ``[B, K]`` soft targets). Its tensors are made
+            new for every step and used by nothing else, so they may be written in place.
     Returns: the transformed mapping, or ``None`` when the batch was changed in place.
     Combines: chained: every implementation runs, in the resolved plugin order, each on the
         previous one's output.
