@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from torch.utils import benchmark
 
 from tricks_dropblock import drop_block, dropblock_layers, insert_dropblock
 
@@ -28,20 +28,14 @@ MAPS = {  # name: (batch, channels, side)
 }
 
 
-def median_seconds(fn, repeats: int, sync) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def median_seconds(fn, repeats: int) -> float:
+    """Median seconds of one call over ``repeats`` calls after a warm-up (torch.utils.benchmark, which synchronizes CUDA)."""
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
+    timer.timeit(3)
+    return statistics.median(timer.timeit(1).mean for _ in range(repeats))
 
 
-def step_time(model, x, y, repeats, sync) -> float:
+def step_time(model, x, y, repeats) -> float:
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
 
     def step():
@@ -50,7 +44,7 @@ def step_time(model, x, y, repeats, sync) -> float:
         loss.backward()
         opt.step()
 
-    return median_seconds(step, repeats, sync)
+    return median_seconds(step, repeats)
 
 
 def main() -> None:
@@ -60,15 +54,14 @@ def main() -> None:
     parser.add_argument("--model", default="resnet20")
     args = parser.parse_args()
     device = torch.device(args.device)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
     print("one layer, forward (block_size 7, keep_prob 0.9) vs x * mask:")
     for name, (b, c, side) in MAPS.items():
         x = torch.randn(b, c, side, side, device=device)
         mask = torch.ones_like(x)
-        t_drop = median_seconds(lambda: drop_block(x, 0.9, 7), args.repeats, sync)
-        t_mul = median_seconds(lambda: x * mask, args.repeats, sync)
+        t_drop = median_seconds(lambda: drop_block(x, 0.9, 7), args.repeats)
+        t_mul = median_seconds(lambda: x * mask, args.repeats)
         print(f"  {name:40s} dropblock {1e3 * t_drop:8.2f} ms   x*mask {1e3 * t_mul:7.2f} ms")
 
     from tricks.models import create_model
@@ -83,8 +76,8 @@ def main() -> None:
     dropped = dropped.to(device).train()
     for layer in dropblock_layers(dropped):
         layer.set_keep_prob(0.9)
-    t_plain = step_time(plain, x, y, args.repeats, sync)
-    t_drop = step_time(dropped, x, y, args.repeats, sync)
+    t_plain = step_time(plain, x, y, args.repeats)
+    t_drop = step_time(dropped, x, y, args.repeats)
     n = len(dropblock_layers(dropped))
     print(f"training step, {args.model}, batch 128x3x32x32: plain {1e3 * t_plain:.1f} ms, "
           f"with {n} DropBlock layers {1e3 * t_drop:.1f} ms (+{100 * (t_drop / t_plain - 1):.0f}%)")

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from torch.utils import benchmark
 
 from tricks.builtin import base_loss
 from tricks.models import create_model
@@ -26,17 +26,11 @@ CASES = {  # name: (student, teacher, batch, channels, side, classes)
 }
 
 
-def median_seconds(fn, repeats: int, sync) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def median_seconds(fn, repeats: int) -> float:
+    """Median seconds of one call over ``repeats`` calls after a warm-up (torch.utils.benchmark, which synchronizes CUDA)."""
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
+    timer.timeit(3)
+    return statistics.median(timer.timeit(1).mean for _ in range(repeats))
 
 
 def main() -> None:
@@ -45,7 +39,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50)
     args = parser.parse_args()
     device = torch.device(args.device)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
     for name, (student_name, teacher_name, b, c, side, k) in CASES.items():
@@ -65,8 +58,8 @@ def main() -> None:
             loss.backward()
             optimizer.step()
 
-        plain = median_seconds(lambda: step(False), args.repeats, sync)
-        distilled = median_seconds(lambda: step(True), args.repeats, sync)
+        plain = median_seconds(lambda: step(False), args.repeats)
+        distilled = median_seconds(lambda: step(True), args.repeats)
         print(f"{name:<42} plain {1e3 * plain:8.2f} ms   kd {1e3 * distilled:8.2f} ms   (+{100 * (distilled / plain - 1):.0f}%)")
 
 

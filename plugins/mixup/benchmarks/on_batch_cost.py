@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from types import SimpleNamespace
 
 import torch
+from torch.utils import benchmark
 
 from tricks_mixup import Mixup, MixupSettings, sample_lambda
 
@@ -25,17 +25,11 @@ SHAPES = {  # name: (batch, channels, side, classes)
 }
 
 
-def median_seconds(fn, repeats: int, sync) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def median_seconds(fn, repeats: int) -> float:
+    """Median seconds of one call over ``repeats`` calls after a warm-up (torch.utils.benchmark, which synchronizes CUDA)."""
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
+    timer.timeit(3)
+    return statistics.median(timer.timeit(1).mean for _ in range(repeats))
 
 
 def main() -> None:
@@ -44,17 +38,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=200)
     args = parser.parse_args()
     device = torch.device(args.device)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
-    print(f"sample_lambda(0.2) alone: {1e6 * median_seconds(lambda: sample_lambda(0.2), args.repeats, lambda: None):.0f} us")
+    print(f"sample_lambda(0.2) alone: {1e6 * median_seconds(lambda: sample_lambda(0.2), args.repeats):.0f} us")
     for pairing in ("permutation", "roll"):
         plugin = Mixup(MixupSettings(pairing=pairing))
         for name, (b, c, side, k) in SHAPES.items():
             x = torch.randn(b, c, side, side, device=device)
             y = torch.randint(0, k, (b,), device=device)
             ctx = SimpleNamespace(num_classes=k)
-            seconds = median_seconds(lambda: plugin.on_batch(ctx, {"input": x, "target": y}), args.repeats, sync)
+            seconds = median_seconds(lambda: plugin.on_batch(ctx, {"input": x, "target": y}), args.repeats)
             print(f"on_batch {pairing:<11} {name:<22} {1e3 * seconds:8.3f} ms")
 
 
