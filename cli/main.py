@@ -379,6 +379,34 @@ def version():
             console.print(f"  {name} {info.version}")
 
 
+def _broken_command(message: str):
+    def command():
+        raise TricksError(message)
+
+    return command
+
+
+def _add_plugin_commands() -> None:
+    """Commands that installed plugins add (entry point group ``tricks.commands``): a
+    function with typer parameters, registered under the entry point's name."""
+    from importlib import metadata
+
+    taken = {c.name for c in app.registered_commands} | {g.name for g in app.registered_groups}
+    for ep in metadata.entry_points(group="tricks.commands"):
+        if ep.name in taken:
+            continue
+        try:
+            fn = ep.load()
+        except Exception as error:  # a broken plugin must not break the other commands
+            fn = _broken_command(f"command '{ep.name}' comes from a plugin that fails to import "
+                                 f"({type(error).__name__}: {error}); reinstall that plugin")
+        app.command(ep.name)(fn)
+        taken.add(ep.name)
+
+
+_add_plugin_commands()
+
+
 def main() -> None:
     try:
         app()

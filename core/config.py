@@ -46,6 +46,7 @@ class CoreSettings(Settings):
     seed: int = Field(0, description="random seed (CPU runs with the same seed and thread count are identical)")
     workers: int = Field(2, ge=0, description="loader processes for imagefolder data")
     log_every: int = Field(25, ge=1, description="steps between live loss updates (each is one host sync)")
+    curves: bool = Field(True, description="plot the learning curves to curves.png at the end of the run")
 
     @field_validator("device")
     @classmethod
@@ -150,6 +151,33 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _model_name(data: dict, overrides: dict | None, sets: list[str] | None) -> str | None:
+    """The run's ``model`` setting, from the same sources as :func:`resolve` (later wins)."""
+    model = (data.get(CORE) or {}).get("model")
+    if (overrides or {}).get("model") is not None:
+        model = overrides["model"]
+    for item in sets or []:
+        section, name, value = parse_set(item)
+        if section == CORE and name == "model":
+            model = value
+    return str(model) if model is not None else None
+
+
+def _with_model_provider(names: list[str], model: str | None, catalog: Catalog, adhoc: list[str]) -> list[str]:
+    """Add the plugin that builds ``model`` (``--model regnetx_200mf`` brings ``regnet``) unless
+    the run already names it or another plugin that provides the model."""
+    if not model:
+        return names
+    provider = catalog.model_provider(model)
+    if provider is None or provider in names or provider in adhoc:
+        return names
+    for name in names:
+        info = catalog.plugins.get(name)
+        if info is not None and info.installed and "model" in (info.meta("provides") or []):
+            return names
+    return [*names, provider]
+
+
 def resolve(
     plugins: list[str | Plugin] | str | None = None,
     recipe: str | Path | dict | None = None,
@@ -174,6 +202,7 @@ def resolve(
     else:
         names = list(data.get("plugins") or [])
     catalog = catalog or Catalog(registries)
+    names = _with_model_provider(names, _model_name(data, overrides, sets), catalog, [getattr(p, 'name', '') for p in adhoc])
     infos = catalog.resolve(names)
     order = [i.name for i in infos]
 

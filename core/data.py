@@ -191,8 +191,47 @@ IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
+_KEEP: dict = {}  # see keep_in_memory()
+
+
+def keep_in_memory(enabled: bool = True) -> None:
+    """Keep the last data set loaded (and its copy on the last device) for the next run in this
+    process with the same data settings: a sampling job's worker trains many models on one data set
+    and then reads it, and moves it to the GPU, once. Off by default."""
+    _KEEP.clear()
+    if enabled:
+        _KEEP["on"] = True
+
+
+def _data_key(core) -> tuple:
+    return (core.dataset, core.data_dir, core.train_limit, core.val_limit, core.image_size, core.augment)
+
+
 def load_data(core) -> Data:
     """Load the data set named by the core settings (never downloads unless ``download``)."""
+    if _KEEP.get("on"):
+        key = _data_key(core)
+        if _KEEP.get("key") != key:
+            _KEEP.pop("device", None)
+            _KEEP["data"], _KEEP["key"] = _load_data(core), key
+        return _KEEP["data"]
+    return _load_data(core)
+
+
+def _on_device(split: Split, device: torch.device) -> Split:
+    """The split on ``device``; kept with the data set when :func:`keep_in_memory` is on."""
+    if not _KEEP.get("on"):
+        return Split(split.x.to(device), split.y.to(device))
+    cache = _KEEP.setdefault("device", {})
+    key = (id(split), str(device))
+    if key not in cache:
+        if any(k[1] != str(device) for k in cache):
+            cache.clear()
+        cache[key] = Split(split.x.to(device), split.y.to(device))
+    return cache[key]
+
+
+def _load_data(core) -> Data:
     name = core.dataset
     if name not in DATASETS:
         raise TricksError(f"unknown data set '{name}'; choose one of: {', '.join(DATASETS)}")
@@ -373,7 +412,6 @@ def make_loaders(data: Data, core, device: torch.device, rank: int, world: int):
         args = dict(pipeline=pipeline, batch_size=per_rank, seed=core.seed, rank=rank, world=world,
                     workers=core.workers, size=data.image_size, device=device, augment=core.augment)
         return (FolderLoader(data.folder_train, train=True, **args), FolderLoader(data.folder_val, train=False, **args))
-    train = Split(data.train.x.to(device), data.train.y.to(device))
-    val = Split(data.val.x.to(device), data.val.y.to(device))
+    train, val = _on_device(data.train, device), _on_device(data.val, device)
     return (TensorLoader(train, pipeline, per_rank, True, core.seed, rank, world),
             TensorLoader(val, pipeline, per_rank, False, core.seed, rank, world))

@@ -287,7 +287,7 @@ class Trainer:
             hooks.on_fit_end(ctx, summary)
             if self.rank == 0:
                 io.write_json(self.run_dir / "summary.json", summary)
-                if history:
+                if history and core.curves:
                     plot_curves(history, self.run_dir / "curves.png", title=" + ".join(cfg.plugins) or "baseline")
             self.reporter.finish(summary)
             return summary

@@ -38,6 +38,9 @@ class Plugin:
     requires: ClassVar[tuple[str, ...]] = ()
     after: ClassVar[tuple[str, ...]] = ()
     before: ClassVar[tuple[str, ...]] = ()
+    # A model provider whose model names are not the core's: the --model that its
+    # example_settings() are for (the shared tests train with it when the plugin is in the run).
+    example_model: ClassVar[str | None] = None
 
     def __init__(self, settings: Settings | None = None):
         self.settings = settings if settings is not None else self.Settings()

@@ -11,6 +11,7 @@ exists in the group ``tricks.plugins``; installed plugins missing from every reg
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import os
 from dataclasses import dataclass, field
 from importlib import metadata, resources
@@ -52,6 +53,7 @@ class Entry(BaseModel):
     category: str
     paper: Paper | None = None
     summary: str
+    models: list[str] = []  # model names (shell-style patterns) that this plugin builds
 
     @field_validator("hooks")
     @classmethod
@@ -204,6 +206,13 @@ class Catalog:
                 f"plugin '{name}' is registered but not installed: run `{info.install_command()}`"
             )
         return info
+
+    def model_provider(self, model: str) -> str | None:
+        """The registered plugin whose ``models`` patterns match ``model`` (``regnetx_200mf``), if any."""
+        for name, info in self.plugins.items():
+            if info.entry is not None and any(fnmatch.fnmatchcase(model, p) for p in info.entry.models):
+                return name
+        return None
 
     def resolve(self, names: list[str]) -> list[PluginInfo]:
         """Check names, conflicts and requirements; return the plugins in a deterministic order."""

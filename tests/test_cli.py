@@ -89,3 +89,35 @@ def test_python_api_gives_the_cli_results(tmp_path):
     for key in ("final_val_acc", "final_val_loss", "best_val_acc", "best_epoch", "params", "plugins", "versions"):
         assert api[key] == cli[key], key
     assert (tmp_path / "api" / "config.yaml").read_text() == (tmp_path / "cli" / "config.yaml").read_text()
+
+
+def test_plugins_add_commands_and_a_broken_one_fails_alone(monkeypatch):
+    from importlib import metadata
+
+    import tricks.cli.main as cli
+    from processes import cli_in_process, one_line_error
+
+    class Broken:
+        name = "broken-cmd"
+
+        def load(self):
+            raise ImportError("no module named tricks_missing")
+
+    monkeypatch.setattr(metadata, "entry_points", lambda group: [Broken()] if group == "tricks.commands" else [])
+    before = list(cli.app.registered_commands)
+    try:
+        cli._add_plugin_commands()
+        code, _, err = cli_in_process("broken-cmd")
+        one_line_error(code, err, "command 'broken-cmd'", "fails to import", "reinstall")
+        code, out, _ = cli_in_process("version")
+        assert code == 0 and "tricks" in out
+    finally:
+        cli.app.registered_commands[:] = before
+
+
+def test_curves_can_be_turned_off(tmp_path):
+    import tricks
+
+    tricks.run(dataset="digits", model="resnet8", train_limit=128, val_limit=64, epochs=1, curves=False,
+               out=tmp_path / "run", reporter=tricks.Reporter())
+    assert (tmp_path / "run" / "summary.json").exists() and not (tmp_path / "run" / "curves.png").exists()

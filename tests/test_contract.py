@@ -93,7 +93,8 @@ def test_plugin_contract(name, tmp_path):
     # a short run with only this plugin
     example = cls.example_settings(tmp_path / "example")
     sets = [f"{name}.{key}={value}" for key, value in example.items()]
-    summary = tricks.run(plugins=[name], set=sets, epochs=1, out=tmp_path / "run", **TINY_API)
+    model = cls.example_model or TINY_API["model"]
+    summary = tricks.run(plugins=[name], set=sets, epochs=1, out=tmp_path / "run", **{**TINY_API, "model": model})
     assert summary["status"] == "complete"
     assert math.isfinite(summary["final_val_loss"])
     assert summary["plugins"] == [name]

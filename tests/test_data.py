@@ -532,3 +532,23 @@ def test_make_loaders_splits_the_global_batch():
     assert len(train) == 5 and len(val) == 2  # 50 and 15 examples on this rank
     with pytest.raises(TricksError):
         make_loaders(data, settings(batch_size=21), torch.device("cpu"), rank=0, world=2)
+
+
+def test_keep_in_memory_reuses_the_data_set_and_its_device_copy():
+    from tricks.data import keep_in_memory
+
+    core = CoreSettings(dataset="digits", train_limit=200, val_limit=100)
+    other = CoreSettings(dataset="digits", train_limit=300, val_limit=100)
+    assert load_data(core) is not load_data(core)  # off by default
+    keep_in_memory(True)
+    try:
+        first = load_data(core)
+        assert load_data(core) is first
+        a, _ = make_loaders(first, core, torch.device("cpu"), 0, 1)
+        b, _ = make_loaders(first, core, torch.device("cpu"), 0, 1)
+        assert a.split.x is b.split.x
+        changed = load_data(other)  # other settings: loaded again, the old copy dropped
+        assert changed is not first and len(changed.train.y) == 300
+    finally:
+        keep_in_memory(False)
+    assert load_data(core) is not load_data(core)

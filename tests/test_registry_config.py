@@ -189,3 +189,21 @@ def test_version_drift_of_a_recipe_is_reported():
     assert cfg.version_drift({"mixup": "0.0.9", "cosine": cfg.versions["cosine"], "gone": "1.0"}) == [
         f"mixup 0.0.9 -> {cfg.versions['mixup']}"]
     assert cfg.version_drift(None) == []
+
+
+def test_registry_models_field_is_validated(tmp_path):
+    path = tmp_path / "extra.yaml"
+    path.write_text(textwrap.dedent("""
+        version: 1
+        plugins:
+          mine:
+            distribution: tricks-mine
+            entry_point: tricks_mine:Mine
+            path: mine
+            hooks: [build_model]
+            category: model
+            summary: x
+            models: mynet_*
+    """))
+    with pytest.raises(TricksError, match="models"):
+        Catalog([path])
