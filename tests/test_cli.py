@@ -97,6 +97,9 @@ def test_plugins_add_commands_and_a_broken_one_fails_alone(monkeypatch):
     import tricks.cli.main as cli
     from processes import cli_in_process, one_line_error
 
+    names = {c.name for c in cli.app.registered_commands}
+    assert {"sample", "analyze"} <= names  # the regnet plugin's commands
+
     class Broken:
         name = "broken-cmd"
 

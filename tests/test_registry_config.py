@@ -191,6 +191,17 @@ def test_version_drift_of_a_recipe_is_reported():
     assert cfg.version_drift(None) == []
 
 
+def test_a_model_name_brings_the_plugin_that_builds_it():
+    assert tricks.resolve(overrides={"model": "regnetx_200mf"}).plugins == ["regnet"]
+    assert tricks.resolve(plugins="cosine", sets=["core.model=regnety_1.6gf"]).plugins == ["cosine", "regnet"]
+    assert tricks.resolve(recipe={"core": {"model": "anynet"}}).plugins == ["regnet"]
+    assert tricks.resolve(plugins="regnet", overrides={"model": "regnetx_400mf"}).plugins == ["regnet"]
+    assert tricks.resolve(overrides={"model": "resnet20"}).plugins == []
+    # a plugin that provides the model itself is left to build (or refuse) the name
+    assert tricks.resolve(plugins="resnet_tweaks", overrides={"model": "regnetx_200mf"}).plugins == ["resnet_tweaks"]
+    assert Catalog().model_provider("regnetx_3.2gf") == "regnet" and Catalog().model_provider("resnet50") is None
+
+
 def test_registry_models_field_is_validated(tmp_path):
     path = tmp_path / "extra.yaml"
     path.write_text(textwrap.dedent("""

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import tricks
+from modules import randomize_bn
 from tricks_resnet_tweaks import (AUTO_IMAGENET_MIN_SIZE, CIFAR_DEPTHS, IMAGENET_DEPTHS, Bottleneck,
                                   ResNetTweaks, ResNetTweaksSettings, create_resnet, resolve_architecture)
 
@@ -34,19 +35,6 @@ def on_meta(build):
 def meta_resnet(depth: int, variant: str, shape: str = "imagenet") -> nn.Module:
     """One shared meta-device model per architecture, for the tests that only look at it."""
     return on_meta(lambda: create_resnet(depth, variant, shape))
-
-
-def randomize_bn(model: nn.Module, seed: int = 0) -> None:
-    """Give every BN non-trivial statistics and affine parameters (timm zero-inits the last gamma
-    of each block, which would hide the residual branches from an output comparison)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
 
 
 def load_in_order(source: nn.Module, target: nn.Module) -> None:

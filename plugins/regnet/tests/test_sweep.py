@@ -1,0 +1,195 @@
+"""Sampling jobs end to end on the bundled digits: results per network, continuing a job, a job
+killed mid-network, a failing network, several networks at once, Ray, and the analysis of a
+real (small) sweep."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import tricks
+from conftest import run_cli
+from processes import cli_in_process, finish, finish_killed, one_line_error, one_torch_thread, snapshot, start_script
+from tricks_regnet.complexity import complexity
+from tricks_regnet.config import AnyNetConfig
+from tricks_regnet.sweep import load_job, sample_job
+
+# Two stages of one or two X blocks, 8 to 24 channels: eight networks, each trains in about a second.
+TINY_SPACE = {"name": "tiny", "kind": "anynet", "stages": 2,
+              "params": {"depth": {"values": [1, 2]}, "width": {"low": 8, "high": 24, "step": 8},
+                         "bottleneck": {"values": [1]}, "group_width": {"values": [8]}}}
+RECIPE = dict(dataset="digits", train_limit=256, val_limit=128, batch_size=64, epochs=2, device="cpu", lr=0.05)
+CLI_RECIPE = ["--dataset", "digits", "--train-limit", "256", "--val-limit", "128", "--batch-size", "64",
+              "--epochs", "2", "--device", "cpu", "--lr", "0.05"]
+
+
+def results(out: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted((out / "results").glob("*.json"))}
+
+
+@pytest.fixture
+def space_file(tmp_path):
+    import yaml
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY_SPACE))
+    return path
+
+
+def test_cli_job_records_each_network_continues_and_is_analysed(tmp_path, space_file):
+    out = tmp_path / "sweep"
+    done = run_cli("sample", "--space", str(space_file), "--n", "3", "--flops", ":1M", "--out", str(out),
+                   "--plugins", "cosine", *CLI_RECIPE)
+    assert done.returncode == 0, done.stderr
+    assert "3 of 3 networks trained, 0 failed" in done.stdout
+    plan = json.loads((out / "sweep.json").read_text())
+    assert plan["space"] == "tiny" and plan["n"] == 3 and plan["stem"] == "cifar" and plan["resolution"] == 8
+    assert plan["recipe"]["plugins"] == ["cosine", "regnet"]
+    rows = results(out)
+    assert sorted(rows) == ["0000", "0001", "0002"]
+    for ident, r in rows.items():
+        assert r["status"] == "ok" and r["space"] == "tiny" and r["epochs"] == 2
+        assert 0 <= r["best_error"] <= r["error"] <= 100 and r["time_s"] > 0
+        cfg = AnyNetConfig.from_dict(r["config"])
+        assert complexity(cfg, 8, "cifar", 10).as_dict() == r["complexity"] and r["complexity"]["flops"] <= 1e6
+        metrics = [json.loads(x) for x in (out / "runs" / ident / "metrics.jsonl").read_text().splitlines()]
+        assert r["error"] == pytest.approx(100 * (1 - metrics[-1]["val_acc"]), abs=1e-3)
+        run_cfg = (out / "runs" / ident / "config.yaml").read_text()
+        assert "cosine" in run_cfg and "model: anynet" in run_cfg
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ok"] == 3 and summary["min_error"] == min(r["error"] for r in rows.values())
+
+    # the same command again: nothing is retrained, nothing rewritten
+    before = snapshot(out / "results")
+    again = run_cli("sample", "--space", str(space_file), "--n", "3", "--flops", ":1M", "--out", str(out),
+                    "--plugins", "cosine", *CLI_RECIPE)
+    assert again.returncode == 0, again.stderr
+    assert "3 of 3 networks already have a result" in again.stdout
+    assert snapshot(out / "results") == before
+
+    # another recipe in the same folder is refused
+    code, _, err = cli_in_process("sample", "--space", str(space_file), "--n", "3", "--flops", ":1M", "--out",
+                                  str(out), *CLI_RECIPE)
+    one_line_error(code, err, "another training recipe", "plugins")
+
+    report = run_cli("analyze", str(out))
+    assert report.returncode == 0, report.stderr
+    folder = out / "analysis"
+    assert (folder / "report.md").exists()
+    for png in folder.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (folder / "edf.png").exists()
+
+
+class FailOn(tricks.Plugin):
+    """Raise when the network ``ident`` starts training."""
+
+    name = "fail_on"
+
+    def __init__(self, ident):
+        super().__init__()
+        self.ident = ident
+
+    @tricks.hookimpl
+    def on_fit_start(self, ctx):
+        if ctx.run_dir.name == self.ident:
+            raise RuntimeError("this network cannot be trained")
+
+
+def test_a_failing_network_is_recorded_and_the_job_goes_on(tmp_path):
+    out = tmp_path / "sweep"
+    with one_torch_thread():
+        summary = sample_job(out, TINY_SPACE, 3, overrides=RECIPE, extra_plugins=[FailOn("0001")])
+    rows = results(out)
+    assert [rows[i]["status"] for i in sorted(rows)] == ["ok", "failed", "ok"]
+    assert "this network cannot be trained" in rows["0001"]["message"]
+    assert rows["0001"]["error"] is None
+    assert "RuntimeError" in (out / "runs" / "0001" / "error.txt").read_text()
+    assert summary["failed"] == 1 and summary["ok"] == 2
+    # continuing keeps the failure; --retry-failed trains it again
+    with one_torch_thread():
+        sample_job(out, TINY_SPACE, 3, overrides=RECIPE)
+        assert results(out)["0001"]["status"] == "failed"
+        sample_job(out, TINY_SPACE, 3, overrides=RECIPE, retry_failed=True)
+    assert results(out)["0001"]["status"] == "ok"
+
+
+KILLED_JOB = """
+import os, signal, tricks
+from tricks_regnet.sweep import sample_job
+from test_sweep_constants import SPACE, RECIPE
+
+class KillOn(tricks.Plugin):
+    name = "kill_on"
+
+    @tricks.hookimpl
+    def on_epoch_start(self, ctx, epoch):
+        if ctx.run_dir.name == "0001" and epoch == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+sample_job({out!r}, SPACE, 3, overrides=RECIPE, extra_plugins=[KillOn()])
+"""
+
+
+def test_a_job_killed_mid_network_resumes_to_the_same_results(tmp_path):
+    (tmp_path / "test_sweep_constants.py").write_text(f"SPACE = {TINY_SPACE!r}\nRECIPE = {RECIPE!r}\n")
+    out = tmp_path / "killed"
+    finish_killed(start_script(KILLED_JOB.format(out=str(out)), cwd=tmp_path))
+    assert sorted(results(out)) == ["0000"]  # the first network finished, the second was killed in epoch 2
+    assert (out / "runs" / "0001" / "checkpoints" / "last.pt").exists()
+    resumed = finish(start_script(f"from tricks_regnet.sweep import sample_job\nfrom test_sweep_constants import SPACE, RECIPE\n"
+                                  f"sample_job({str(out)!r}, SPACE, 3, overrides=RECIPE)", cwd=tmp_path))
+    assert resumed.returncode == 0, resumed.stderr
+    reference = tmp_path / "reference"
+    whole = finish(start_script(f"from tricks_regnet.sweep import sample_job\nfrom test_sweep_constants import SPACE, RECIPE\n"
+                                f"sample_job({str(reference)!r}, SPACE, 3, overrides=RECIPE)", cwd=tmp_path))
+    assert whole.returncode == 0, whole.stderr
+    got, want = results(out), results(reference)
+    assert sorted(got) == sorted(want) == ["0000", "0001", "0002"]
+    for ident in want:
+        for key in ("status", "config", "params", "complexity", "error", "best_error"):
+            assert got[ident][key] == want[ident][key], (ident, key)
+    metrics = (out / "runs" / "0001" / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 2  # epoch 1 from the checkpoint, epoch 2 after the resume
+
+
+def test_several_networks_at_once_on_one_device(tmp_path):
+    out = tmp_path / "pool"
+    summary = sample_job(out, TINY_SPACE, 4, overrides=RECIPE, per_gpu=2)
+    rows = results(out)
+    assert sorted(rows) == ["0000", "0001", "0002", "0003"] and summary["ok"] == 4
+    assert {r["device"] for r in rows.values()} == {"cpu"}
+    job = load_job(out)
+    assert [s.config.to_dict() for s in job.samples] == [rows[i]["config"] for i in sorted(rows)]
+
+
+def test_ray_backend_with_a_local_instance(tmp_path):
+    pytest.importorskip("ray")
+    out = tmp_path / "ray"
+    summary = sample_job(out, TINY_SPACE, 2, overrides=RECIPE, backend="ray")
+    rows = results(out)
+    assert sorted(rows) == ["0000", "0001"] and summary["ok"] == 2
+    assert all(r["status"] == "ok" and r["error"] is not None for r in rows.values())
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--space", "anynetx_f"], ["unknown design space 'anynetx_f'", "did you mean"]),
+    (["--space", "anynetx_a", "--flops", "400M"], ["--flops", "LOW:HIGH"]),
+    (["--space", "anynetx_a", "--flops", "1:2"], ["only 0 of 2 distinct networks", "widen the window"]),
+    (["--space", "anynetx_a", "--gpus", "0"], ["--gpus needs CUDA"]),
+    (["--space", "anynetx_a", "--backend", "slurm"], ["--backend", "local, ray"]),
+    (["--space", "anynetx_a", "--per-gpu", "0"], ["--per-gpu 0"]),
+    (["--space", "anynetx_a", "--set", "regnet.arch={depth: 13, w0: 24, wa: 36.44, wm: 2.49, group_width: 8}"],
+     ["sets each network's regnet.arch"]),
+])
+def test_bad_sampling_requests_are_one_line_errors(tmp_path, args, fragments):
+    code, _, err = cli_in_process("sample", "--n", "2", "--out", str(tmp_path / "s"), "--dataset", "digits",
+                                  "--device", "cpu", *args)
+    one_line_error(code, err, *fragments)
+
+
+def test_analyze_needs_a_sweep(tmp_path):
+    code, _, err = cli_in_process("analyze", str(tmp_path))
+    assert code == 2 and len(err.strip().splitlines()) == 1
