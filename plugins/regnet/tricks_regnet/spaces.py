@@ -324,32 +324,39 @@ class DesignSpace:
         ok = np.zeros(n, dtype=bool)
         depths = np.zeros((n, k), dtype=np.int64)
         widths = np.full((n, k), 8, dtype=np.int64)
-        if len(cand):
-            c0, ca, cm, cd = w0[cand, None], wa[cand, None], wm[cand, None], d[cand]
-            j = np.arange(cd.max())
-            s = np.round(np.log((c0 + ca * j) / c0) / np.log(cm))
-            # wm ** level from a per-row table of the few levels there are (the same numbers as
-            # np.power(wm, s) on the whole matrix, at a fraction of the cost)
-            powers = np.power(cm, np.arange(int(s.max()) + 1, dtype=np.float64))
-            w = np.round(c0 * np.take_along_axis(powers, s.astype(np.int64), axis=1) / 8) * 8
-            live = j < cd[:, None]
-            start = live & np.concatenate([np.ones((len(cand), 1), bool), w[:, 1:] != w[:, :-1]], axis=1)
-            keep = start.sum(1) == k
-            idx = cand[keep]
-            ok[idx] = True
-            if len(idx):
-                st, w, live = start[keep], w[keep], live[keep]
-                widths[idx] = w[st].reshape(len(idx), k).astype(np.int64)
-                stage = np.cumsum(st, axis=1) - 1
-                rows = np.repeat(np.arange(len(idx))[:, None], w.shape[1], axis=1)
-                flat = np.bincount((rows * k + stage)[live], minlength=len(idx) * k)
-                depths[idx] = flat.reshape(len(idx), k)
+        # rows in groups of similar depth, so that the per-block matrices are not padded to the deepest
+        for group in np.array_split(cand[np.argsort(d[cand], kind="stable")], 4):
+            if len(group):
+                self._regnet_stages(group, w0, wa, wm, d, k, ok, depths, widths)
         b = np.repeat(p["bottleneck"][:, None], k, axis=1)
         g = np.repeat(p["group_width"][:, None], k, axis=1)
         widths, groups = compatible(widths, b, g)
         params = {"depth": d, "w0": p["w0"], "wa": p["wa"], "wm": p["wm"], "group_width": p["group_width"],
                   "bottleneck": p["bottleneck"]}
         return ok, params, depths, widths, b, groups
+
+    @staticmethod
+    def _regnet_stages(rows, w0, wa, wm, d, k, ok, depths, widths) -> None:
+        """Per-block widths of the RegNets ``rows``; those with exactly ``k`` stages are marked in
+        ``ok`` and their stage depths and widths filled in."""
+        c0, ca, cm, cd = w0[rows, None], wa[rows, None], wm[rows, None], d[rows]
+        j = np.arange(cd.max())
+        s = np.round(np.log((c0 + ca * j) / c0) / np.log(cm))
+        # wm ** level from a per-row table of the few levels there are (the same numbers as
+        # np.power(wm, s) on the whole matrix, at a fraction of the cost)
+        powers = np.power(cm, np.arange(int(s.max()) + 1, dtype=np.float64))
+        w = np.round(c0 * np.take_along_axis(powers, s.astype(np.int64), axis=1) / 8) * 8
+        live = j < cd[:, None]
+        start = live & np.concatenate([np.ones((len(rows), 1), bool), w[:, 1:] != w[:, :-1]], axis=1)
+        keep = start.sum(1) == k
+        idx = rows[keep]
+        ok[idx] = True
+        if len(idx):
+            st, w, live = start[keep], w[keep], live[keep]
+            widths[idx] = w[st].reshape(len(idx), k).astype(np.int64)
+            stage = np.cumsum(st, axis=1) - 1
+            blocks = np.repeat(np.arange(len(idx))[:, None], w.shape[1], axis=1)
+            depths[idx] = np.bincount((blocks * k + stage)[live], minlength=len(idx) * k).reshape(len(idx), k)
 
     def sample(self, n: int, seed: int = 0, window: Window | None = None, resolution: int = 224,
                stem: str = "imagenet", num_classes: int = 1000, max_draws: int = 20_000_000) -> list[Sample]:
