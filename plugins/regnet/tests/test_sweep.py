@@ -193,3 +193,12 @@ def test_bad_sampling_requests_are_one_line_errors(tmp_path, args, fragments):
 def test_analyze_needs_a_sweep(tmp_path):
     code, _, err = cli_in_process("analyze", str(tmp_path))
     assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+def test_dry_run_prints_the_networks_and_writes_nothing(tmp_path, space_file):
+    out = tmp_path / "dry"
+    code, stdout, err = cli_in_process("sample", "--space", str(space_file), "--n", "4", "--flops", ":1M", "--out",
+                                       str(out), "--dry-run", "--dataset", "digits", "--device", "cpu")
+    assert code == 0, err
+    assert "tiny: 4 networks at 8x8 (cifar stem, 10 classes)" in stdout
+    assert all(f"000{i}" in stdout for i in range(4)) and not out.exists()

@@ -88,6 +88,7 @@ def sample(
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Train the networks that failed before again."),
     registry: Optional[List[Path]] = typer.Option(None, "--registry", help="An extra registry file (repeatable)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display; the summary line only."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only sample: print the networks and their complexity, train and write nothing."),
 ):
     """Sample networks from a design space and train each with the same recipe.
 
@@ -111,11 +112,36 @@ def sample(
                      precision=precision or ("bf16" if cuda else None),
                      channels_last=channels_last if channels_last is not None else (True if cuda else None))
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    if dry_run:
+        from .sweep import plan
+
+        job = plan(out, space, n, seed, window, plugins, config, set_, overrides, registry, write=False)
+        print_samples(job)
+        return
     summary = sample_job(out, space, n, seed, window, plugins, config, set_, overrides, gpus, per_gpu, backend,
                          address, RichSweepProgress(console, quiet), retry_failed, registries=registry)
     best = f"{summary['min_error']:.2f}%" if summary["min_error"] is not None else "-"
     console.print(f"{summary['ok']} of {summary['n']} networks trained, {summary['failed']} failed, "
                   f"min error {best}; analyse with: tricks analyze {out}", markup=False, highlight=False)
+
+
+def print_samples(job) -> None:
+    """The sampled networks of a job, with their complexity at the job's input size."""
+    from rich.table import Table
+
+    from .complexity import format_count
+
+    table = Table(title=f"{job.space.name}: {len(job.samples)} networks at {job.resolution}x{job.resolution} "
+                        f"({job.stem} stem, {job.num_classes} classes), window {job.window}")
+    for col in ("id", "depths", "widths", "b", "g", "flops", "params", "acts"):
+        table.add_column(col, justify="left" if col in ("depths", "widths", "b", "g") else "right")
+    for i, s in enumerate(job.samples):
+        c = s.config
+        table.add_row(job.ident(i), ",".join(map(str, c.depths)), ",".join(map(str, c.widths)),
+                      ",".join(f"{b:g}" for b in c.bottlenecks), ",".join(map(str, c.groups)),
+                      format_count(s.complexity["flops"]), format_count(s.complexity["params"]),
+                      format_count(s.complexity["acts"]))
+    console.print(table)
 
 
 def analyze(

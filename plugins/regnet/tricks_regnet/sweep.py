@@ -133,8 +133,9 @@ def base_recipe(plugins: list[str] | str | None = None, config: str | Path | dic
 def plan(out: str | Path, space: str | Path | dict | DesignSpace, n: int, seed: int = 0,
          window: Window | None = None, plugins: list[str] | str | None = None, config=None,
          sets: list[str] | None = None, overrides: dict[str, Any] | None = None,
-         registries: list[Path] | None = None) -> Job:
-    """Resolve the recipe, sample the space and write (or check, when continuing) the job's plan."""
+         registries: list[Path] | None = None, write: bool = True) -> Job:
+    """Resolve the recipe, sample the space and write (or check, when continuing) the job's plan;
+    ``write=False`` only samples (``tricks sample --dry-run``)."""
     from tricks.data import load_data
 
     if n < 1:
@@ -168,6 +169,8 @@ def plan(out: str | Path, space: str | Path | dict | DesignSpace, n: int, seed: 
         samples = space.sample(meta["n"], seed, window, data.image_size, stem, data.num_classes)
     except SpaceError as error:
         raise TricksError(str(error)) from None
+    if not write:
+        return Job(out, space, n, seed, window, recipe, data.image_size, stem, data.num_classes, samples[:n])
     out.mkdir(parents=True, exist_ok=True)
     io.write_json(existing, meta)
     rows = [{"id": Job.ident(i), "index": i, **s.to_dict()} for i, s in enumerate(samples)]
