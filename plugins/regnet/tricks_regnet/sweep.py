@@ -33,19 +33,13 @@ from typing import Any, Callable
 from tricks import TricksError
 from tricks import io
 
+from . import resolve_stem
 from .spaces import DesignSpace, Sample, SpaceError, Window, get_space
 
 PLUGIN = "regnet"
 BACKENDS = ("local", "ray")
 # settings that may differ between the command that started a job and the one that continues it
 _FREE = {("core", "device"), ("core", "workers"), ("core", "log_every"), ("core", "curves")}
-
-
-def resolve_stem(stem: str, image_size: int) -> str:
-    """``auto`` is the 32x32 adaptation (``cifar``) for inputs up to 64 pixels, else ``imagenet``."""
-    if stem == "auto":
-        return "cifar" if image_size <= 64 else "imagenet"
-    return stem
 
 
 class Progress:
@@ -476,4 +470,4 @@ def load_job(out: str | Path) -> Job:
 
 
 __all__ = ["Job", "Progress", "plan", "run", "sample_job", "load_job", "train_one", "summarize", "local_devices",
-           "resolve_stem", "base_recipe"]
+           "base_recipe"]
