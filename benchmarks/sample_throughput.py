@@ -33,13 +33,14 @@ def main() -> None:
     parser.add_argument("--dataset", default="npz")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--train-limit", type=int, default=None)
+    parser.add_argument("--val-limit", type=int, default=None, help="evaluate on the first N validation images only (smoke runs)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--gpus", default=None)
     args = parser.parse_args()
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    recipe = dict(dataset=args.dataset, data_dir=args.data_dir, train_limit=args.train_limit, epochs=args.epochs,
-                  batch_size=args.batch_size, device=args.device, precision="bf16" if cuda else "fp32",
+    recipe = dict(dataset=args.dataset, data_dir=args.data_dir, train_limit=args.train_limit, val_limit=args.val_limit,
+                  epochs=args.epochs, batch_size=args.batch_size, device=args.device, precision="bf16" if cuda else "fp32",
                   channels_last=cuda)
     recipe = {k: v for k, v in recipe.items() if v is not None}
     device = torch.cuda.get_device_name(0) if cuda else (platform.processor() or platform.machine())

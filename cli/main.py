@@ -1,131 +1,133 @@
-"""``tricks``: run experiments, list and show plugins, start a plugin of your own."""
+"""``tricks``: run experiments, list and show plugins, start a plugin of your own.
+
+Plugins add commands through the entry point group ``tricks.commands``; :class:`TricksGroup` imports
+a plugin's command only when it runs or its help is asked for, so that ``tricks --help`` and
+``tricks plugins list`` start in a fraction of a second, without torch.
+"""
 
 from __future__ import annotations
 
+import ast
+import importlib.machinery
+import importlib.util
 import json
 import os
 import sys
-from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
+from typer.core import TyperCommand, TyperGroup
 
+from tricks.cli import options
+from tricks.cli.compare import compare
+from tricks.cli.options import SectionedCommand, core_options
 from tricks.errors import PluginHookError, TricksError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Train image classifiers with composable bag-of-tricks plugins.")
-plugins_app = typer.Typer(no_args_is_help=True, help="List and inspect plugins.")
+PLUGIN_SECTION = "Commands from plugins"
+
+
+class TricksGroup(TyperGroup):
+    """The ``tricks`` commands, then those that installed plugins add, each loaded on first use."""
+
+    def _plugin_commands(self, ctx) -> dict:
+        """Entry points of the group ``tricks.commands`` by name, built-in names excluded (read once per invocation)."""
+        if "tricks.commands" not in ctx.meta:
+            from importlib import metadata
+
+            eps = {}
+            for ep in metadata.entry_points(group="tricks.commands"):
+                if ep.name not in self.commands and ep.name not in eps:
+                    eps[ep.name] = ep
+            ctx.meta["tricks.commands"] = eps
+        return ctx.meta["tricks.commands"]
+
+    def list_commands(self, ctx):
+        return [*super().list_commands(ctx), *sorted(self._plugin_commands(ctx))]
+
+    def get_command(self, ctx, name):
+        """A built-in command, or a plugin command's stand-in that only describes it (for listings)."""
+        command = super().get_command(ctx, name)
+        ep = self._plugin_commands(ctx).get(name) if command is None else None
+        if ep is not None:
+            command = TyperCommand(name=name, help=_summary(ep))
+            command.entry_point = ep
+        return command
+
+    def format_commands(self, ctx, formatter) -> None:
+        """The built-in commands, then those from plugins, each with its one-line help."""
+        sections: dict[str, list[tuple[str, str]]] = {}
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                title = PLUGIN_SECTION if hasattr(command, "entry_point") else "Commands"
+                sections.setdefault(title, []).append((name, command.get_short_help_str(formatter.width - 6 - len(name))))
+        for title, rows in sections.items():
+            with formatter.section(title):
+                formatter.write_dl(rows)
+
+    def resolve_command(self, ctx, args):
+        """The command to run: a plugin's command is imported here, when it is the one invoked."""
+        name, command, rest = super().resolve_command(ctx, args)
+        ep = getattr(command, "entry_point", None)
+        return name, (_load_command(name, ep) if ep is not None else command), rest
+
+
+def _summary(ep) -> str:
+    """The first paragraph of the docstring of an entry point's function, read from its source
+    without importing it: a plugin's module may import torch, which takes seconds."""
+    try:
+        module, _, attr = ep.value.partition(":")
+        parts = module.split(".")
+        spec = importlib.util.find_spec(parts[0])  # a top-level name: found, not imported
+        for i in range(1, len(parts)):
+            spec = importlib.machinery.PathFinder.find_spec(".".join(parts[:i + 1]), spec.submodule_search_locations)
+        for node in ast.parse(Path(spec.origin).read_text()).body:
+            if isinstance(node, ast.FunctionDef) and node.name == attr:
+                return " ".join((ast.get_docstring(node) or "").split("\n\n")[0].split())
+    except Exception:  # no source to read: the command is listed without a description
+        pass
+    return ""
+
+
+def _load_command(name: str, ep):
+    """The click command of a plugin's function, or one that fails with a one-line error when the
+    plugin does not import (a broken plugin must not break the other commands)."""
+    try:
+        fn = ep.load()
+    except Exception as error:
+        message = (f"command '{name}' comes from a plugin that fails to import "
+                   f"({type(error).__name__}: {error}); reinstall that plugin")
+
+        def fn():
+            raise TricksError(message)
+
+        fn.__doc__ = f"Unavailable: {message}"
+    single = typer.Typer(rich_markup_mode=None, add_completion=False, pretty_exceptions_enable=False)
+    single.command(name, cls=SectionedCommand)(fn)
+    return typer.main.get_command(single)
+
+
+# Plain help (rich_markup_mode=None): click's layout reflows to the terminal and keeps option names whole.
+app = typer.Typer(cls=TricksGroup, rich_markup_mode=None, add_completion=False, no_args_is_help=True,
+                  pretty_exceptions_enable=False, help="Train image classifiers with composable bag-of-tricks plugins.")
+plugins_app = typer.Typer(rich_markup_mode=None, no_args_is_help=True, help="List and inspect plugins.")
 app.add_typer(plugins_app, name="plugins")
 console = Console()
 err_console = Console(stderr=True)
 
 
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-class Precision(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-class RichReporter:
-    """A live progress bar per epoch, a line per finished epoch, the table at the end."""
-
-    def __init__(self, console: Console):
-        self.console, self.rows = console, []
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[loss]}"),
-                                 console=console, transient=True)
-        self.task = None
-
-    def start(self, ctx):
-        self.ctx = ctx
-        self.every = ctx.config.log_every
-        if ctx.start_epoch:
-            self.console.print(f"resuming {ctx.run_dir} at epoch {ctx.start_epoch + 1}/{ctx.epochs}")
-        self.progress.start()
-
-    def epoch_start(self, epoch, steps):
-        self.task = self.progress.add_task(f"epoch {epoch + 1}/{self.ctx.epochs}", total=steps, loss="")
-
-    def step(self, index, loss):
-        if index % self.every == 0:
-            self.progress.update(self.task, advance=1, loss=f"loss {loss.item():.4f}")
-        else:
-            self.progress.update(self.task, advance=1)
-
-    def epoch_end(self, row):
-        self.progress.remove_task(self.task)
-        self.rows.append(row)
-        self.console.print(f"epoch {row['epoch']:>3}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
-                           f"val_acc {100 * row['val_acc']:.2f}%  lr {row['lr']:.4g}  {row['epoch_seconds']:.1f}s")
-
-    def finish(self, summary):
-        self.progress.stop()
-        table = Table(title="epochs")
-        for col in ("epoch", "train_loss", "val_loss", "val_acc", "lr", "seconds", "images/s"):
-            table.add_column(col, justify="right")
-        for r in self.rows:
-            table.add_row(str(r["epoch"]), f"{r['train_loss']:.4f}", f"{r['val_loss']:.4f}", f"{100 * r['val_acc']:.2f}%",
-                          f"{r['lr']:.4g}", f"{r['epoch_seconds']:.1f}", f"{r['images_per_second']:.0f}")
-        if self.rows:
-            self.console.print(table)
-        self.console.print(f"final val_acc {100 * summary['final_val_acc']:.2f}%  best {100 * summary['best_val_acc']:.2f}% "
-                           f"(epoch {summary['best_epoch']})")
-        self.console.print(f"run directory: {summary['run_dir']}")
-
-    def log(self, message):
-        self.console.print(message)
-
-
-class JsonReporter:
-    """One JSON object per finished epoch on stdout, then the summary."""
-
-    def start(self, ctx): ...
-    def epoch_start(self, epoch, steps): ...
-    def step(self, index, loss): ...
-    def log(self, message): ...
-
-    def epoch_end(self, row):
-        print(json.dumps({"event": "epoch", **row}), flush=True)
-
-    def finish(self, summary):
-        print(json.dumps({"event": "summary", **summary}), flush=True)
-
-
-class QuietReporter(JsonReporter):
-    """Nothing but the run directory at the end."""
-
-    def epoch_end(self, row): ...
-
-    def finish(self, summary):
-        print(summary["run_dir"], flush=True)
-
-
-@app.command()
+@app.command(cls=SectionedCommand)
+@core_options()
 def run(
+    core: dict,
     plugins: Optional[str] = typer.Option(None, "--plugins", "-p", help="Comma-separated plugin names, e.g. mixup,cosine (replaces the recipe's list)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="A YAML recipe, or a run directory's config.yaml, to start from."),
     set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Override one setting: plugin.key=value or core.key=value (repeatable)."),
-    epochs: Optional[int] = typer.Option(None, help="Training epochs. [default: 20]"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch size, split across processes. [default: 64]"),
-    lr: Optional[float] = typer.Option(None, help="Base learning rate. [default: 0.1]"),
-    model: Optional[str] = typer.Option(None, help="resnet8/14/20/32/44/56/110 or resnet18/34/50 (CIFAR-style), a plugin's model, or timm:NAME. [default: resnet20]"),
-    dataset: Optional[str] = typer.Option(None, help="digits (bundled), cifar10, cifar100, npz or imagefolder. [default: digits]"),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Folder holding the data set (CIFAR in torchvision's format, .npz shards, or an ImageFolder tree)."),
-    download: Optional[bool] = typer.Option(None, "--download", help="Let torchvision download CIFAR into --data-dir (never done otherwise)."),
-    device: Optional[Device] = typer.Option(None, help="Where to train. [default: auto]"),
-    precision: Optional[Precision] = typer.Option(None, help="fp32, or mixed precision bf16/fp16 (fp16 with loss scaling). [default: fp32]"),
-    seed: Optional[int] = typer.Option(None, help="Random seed; CPU runs with the same seed are identical. [default: 0]"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory to create. [default: runs/<time>-<plugins>]"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory to create (when not given: runs/TIME-PLUGINS)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory from its last checkpoint."),
     registry: Optional[List[Path]] = typer.Option(None, "--registry", help="An extra registry file (repeatable; also TRICKS_REGISTRY)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object per epoch and the summary, nothing else."),
@@ -141,10 +143,8 @@ def run(
     import tricks
     from tricks.config import read_recipe
 
-    overrides = dict(epochs=epochs, batch_size=batch_size, lr=lr, model=model, dataset=dataset, data_dir=data_dir,
-                     download=download, device=device.value if device else None,
-                     precision=precision.value if precision else None, seed=seed)
-    overrides = {k: v for k, v in overrides.items() if v is not None}
+    from .reporters import JsonReporter, QuietReporter, RichReporter
+
     if resume is not None and config is not None:
         raise TricksError("--resume continues a run with its own config; drop --config (flags and --set still apply)")
     if resume is not None and out is not None and out != resume:
@@ -163,7 +163,7 @@ def run(
     else:
         reporter = RichReporter(console)
     recipe = read_recipe(resume) if resume is not None else (read_recipe(config) if config is not None else None)
-    cfg = tricks.resolve(plugins=plugins, recipe=recipe, overrides=overrides, sets=set_, registries=registry)
+    cfg = tricks.resolve(plugins=plugins, recipe=recipe, overrides=core, sets=set_, registries=registry)
     drift = cfg.version_drift((recipe or {}).get("versions"))
     if drift and rank == 0:
         err_console.print(f"note: the recipe was written with other versions ({', '.join(drift)}); "
@@ -171,85 +171,28 @@ def run(
     tricks.run(cfg, out=resume or out, resume=resume, reporter=reporter)
 
 
-class AblationProgress:
-    """A bar over the ablation's runs and one over the epochs of the run in progress; a line per finished run."""
-
-    def __init__(self, console: Console, quiet: bool = False):
-        self.console, self.quiet = console, quiet
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
-                                 disable=quiet)
-        self.runs = self.epochs = None
-
-    def start(self, runs, done):
-        self.progress.start()
-        self.runs = self.progress.add_task("runs", total=runs, completed=done)
-        if done and not self.quiet:
-            self.console.print(f"{done} of {runs} runs already finished; continuing")
-
-    def run_start(self, index, config, seed, resuming):
-        import tricks
-
-        outer = self
-
-        class EpochBar(tricks.Reporter):
-            def start(self, ctx):
-                outer.epochs = outer.progress.add_task(f"{config.label} seed {seed}", total=ctx.epochs,
-                                                       completed=ctx.start_epoch)
-
-            def epoch_end(self, row):
-                outer.progress.update(outer.epochs, advance=1)
-
-            def log(self, message):
-                pass
-
-        return EpochBar()
-
-    def run_end(self, index, result):
-        if self.epochs is not None:
-            self.progress.remove_task(self.epochs)
-            self.epochs = None
-        self.progress.update(self.runs, advance=1)
-        if not self.quiet:
-            self.console.print(f"{result.configuration:<40} seed {result.seed}:  final {100 * result.final_val_acc:.2f}%  "
-                               f"best {100 * result.best_val_acc:.2f}%  {result.seconds:.0f}s", markup=False, highlight=False)
-
-    def finish(self, rows, out):
-        self.progress.stop()
-        if not self.quiet:
-            table = Table(title="ablation")
-            for col in ("configuration", "seeds", "final val acc (%)", "best val acc (%)", "delta final", "delta best", "time/run (s)"):
-                table.add_column(col, justify="left" if col == "configuration" else "right")
-            for r in rows:
-                table.add_row(r["configuration"], str(r["seeds"]), f"{r['final_acc']:.2f} ± {r['final_sd']:.2f}",
-                              f"{r['best_acc']:.2f} ± {r['best_sd']:.2f}", f"{r['delta_final']:+.2f}",
-                              f"{r['delta_best']:+.2f}", f"{r['seconds']:.0f}")
-            self.console.print(table)
-        self.console.print(f"ablation directory: {out} (table.md, table.csv, results.csv, chart.png)")
-
-
-@app.command()
+@app.command(cls=SectionedCommand)
+@core_options()
 def ablate(
+    core: dict,
     plugins: str = typer.Option(..., "--plugins", "-p", help="The tricks to add to the baseline, comma-separated, in order."),
-    cumulative: bool = typer.Option(False, "--cumulative", help="Add the tricks one after another, as the paper's tables do (default: each alone)."),
+    cumulative: bool = typer.Option(False, "--cumulative", help="Add the tricks one after another, as the paper's tables do (without it: each trick alone)."),
     both: bool = typer.Option(False, "--both", help="Train each trick alone and the cumulative sequence."),
     all_together: bool = typer.Option(False, "--all", help="With each trick alone: also train every trick at once."),
+    grid: Optional[List[str]] = typer.Option(None, "--grid", help="A sweep over one or more settings, crossed with the "
+                                             "configurations and seeds: plugin.key=v1,v2,... or core.key=v1,v2,... (repeatable)."),
     seeds: int = typer.Option(1, "--seeds", help="Seeds per configuration: the core seed, +1, ..."),
     base: Optional[str] = typer.Option(None, "--base", help="Plugins in every configuration, the baseline included, e.g. step."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="A YAML recipe every configuration starts from (its plugin list is replaced)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="plugin.key=value or core.key=value, applied to every configuration that has the plugin (repeatable)."),
-    epochs: Optional[int] = typer.Option(None, help="Training epochs. [default: 20]"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch size. [default: 64]"),
-    lr: Optional[float] = typer.Option(None, help="Base learning rate. [default: 0.1]"),
-    model: Optional[str] = typer.Option(None, help="The model of every configuration. [default: resnet20]"),
-    dataset: Optional[str] = typer.Option(None, help="digits (bundled), cifar10, cifar100, npz or imagefolder. [default: digits]"),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Folder holding the data set."),
-    device: Optional[Device] = typer.Option(None, help="Where to train. [default: auto]"),
-    precision: Optional[Precision] = typer.Option(None, help="fp32, bf16 or fp16. [default: fp32]"),
-    seed: Optional[int] = typer.Option(None, help="The first seed. [default: 0]"),
     out: Path = typer.Option(Path("ablation"), "--out", "-o", help="The ablation directory; run the same command again to resume it."),
     registry: Optional[List[Path]] = typer.Option(None, "--registry", help="An extra registry file (repeatable)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the ablation directory at the end."),
+    gpus: Optional[str] = options.gpus_option(),
+    per_gpu: int = options.per_gpu_option(),
+    backend: str = options.backend_option(),
+    address: Optional[str] = options.address_option(),
+    retry_failed: bool = options.retry_failed_option(),
 ):
     """Train the baseline and the baseline with each trick added, over seeds, and tabulate.
 
@@ -261,15 +204,17 @@ def ablate(
     from tricks.ablate import ablate as run_ablation
     from tricks.config import read_recipe
 
+    from .reporters import AblationProgress
+
     if cumulative and both:
         raise TricksError("choose one of --cumulative and --both")
     mode = "both" if both else "cumulative" if cumulative else "alone"
-    overrides = dict(epochs=epochs, batch_size=batch_size, lr=lr, model=model, dataset=dataset, data_dir=data_dir,
-                     device=device.value if device else None, precision=precision.value if precision else None, seed=seed)
     names = [p.strip() for p in plugins.split(",") if p.strip()]
     base_names = [p.strip() for p in (base or "").split(",") if p.strip()]
-    run_ablation(names, mode=mode, seeds=seeds, base=base_names, all_together=all_together, recipe=read_recipe(config) if config else None,
-                 overrides=overrides, sets=set_, out=out, registries=registry, reporter=AblationProgress(console, quiet))
+    run_ablation(names, mode=mode, seeds=seeds, base=base_names, all_together=all_together, grid=list(grid or []),
+                 recipe=read_recipe(config) if config else None, overrides=core, sets=set_, out=out,
+                 registries=registry, reporter=AblationProgress(console, quiet), gpus=gpus, per_gpu=per_gpu,
+                 backend=backend, address=address, retry_failed=retry_failed)
 
 
 def _catalog(registry):
@@ -278,13 +223,28 @@ def _catalog(registry):
     return Catalog(registry)
 
 
+app.command("compare")(compare)
+
+
 @plugins_app.command("list")
 def plugins_list(
     registry: Optional[List[Path]] = typer.Option(None, "--registry", help="An extra registry file (repeatable)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
-    """Every plugin in the registry and every installed third-party plugin."""
-    catalog = _catalog(registry)
+    """Every plugin in the registry and every installed third-party plugin.
+
+    On a terminal: a table. Through a pipe: one plugin per line, tab-separated: name, installed
+    (yes/no), version, hooks (comma-separated), category, summary; '-' where there is nothing.
+    """
+    rows = plugin_rows(_catalog(registry))
+    if json_out:
+        print(json.dumps(rows, indent=2))
+    else:
+        print_plugins(rows, console)
+
+
+def plugin_rows(catalog) -> list[dict]:
+    """One dict per plugin, sorted by name: what ``plugins list`` shows."""
     rows = []
     for name in sorted(catalog.plugins):
         info = catalog.plugins[name]
@@ -292,16 +252,37 @@ def plugins_list(
                      "third_party": info.third_party, "hooks": info.hooks,
                      "category": info.meta("category") if (info.entry or info.installed) else "",
                      "summary": info.summary})
-    if json_out:
-        print(json.dumps(rows, indent=2))
+    return rows
+
+
+def print_plugins(rows: list[dict], console: Console) -> None:
+    """A table on a terminal: a line per plugin (and per hook), in which no plugin or hook name is
+    broken or cut, the summary cut to the width left; plain tab-separated lines otherwise, for
+    grep, cut and awk."""
+    if not console.is_terminal:
+        for r in rows:
+            fields = [r["name"], "yes" if r["installed"] else "no", r["version"] or "-", ",".join(r["hooks"]) or "-",
+                      r["category"] or "-", r["summary"] or "-"]
+            console.file.write("\t".join(" ".join(str(f).split()) for f in fields) + "\n")
+        console.file.flush()
         return
-    table = Table(title="tricks plugins")
-    for col in ("name", "installed", "hooks", "category", "summary"):
-        table.add_column(col, overflow="fold")
+    table = Table(title="tricks plugins", caption="details: tricks plugins show NAME", box=None, padding=(0, 1),
+                  pad_edge=False, title_justify="left", caption_justify="left")
+    third_party = ["(third-party)"] if any(r["third_party"] for r in rows) else []
+    columns = {"name": [r["name"] for r in rows], "version": ["version", "no"] + [r["version"] or "" for r in rows],
+               "hooks": ["hooks"] + [h for r in rows for h in r["hooks"]], "category": ["category"] + [r["category"] for r in rows] + third_party}
+    widths = {col: max(map(len, cells)) for col, cells in columns.items()}
+    for col, width in widths.items():  # as wide as their longest entry: nothing in them is cut or folded
+        table.add_column(col, width=width, no_wrap=True, style="bold" if col == "name" else None)
+    room = console.width - sum(widths.values()) - 2 * len(widths)  # what the padding between columns leaves
+    if room >= 10:
+        table.add_column("summary", width=room, no_wrap=True)
     for r in rows:
-        status = f"yes ({r['version']})" if r["installed"] else "no"
-        name = r["name"] + (" [third-party]" if r["third_party"] else "")
-        table.add_row(name, status, ", ".join(r["hooks"]), r["category"], r["summary"])
+        version = (r["version"] or "") if r["installed"] else "no"
+        category = "\n".join(c for c in (r["category"], "(third-party)" if r["third_party"] else "") if c)
+        cells = [Text(r["name"]), Text(version), Text("\n".join(r["hooks"])), Text(category),
+                 Text(r["summary"] or "", no_wrap=True, overflow="ellipsis")]
+        table.add_row(*cells[:len(table.columns)])
     console.print(table)
 
 
@@ -377,34 +358,6 @@ def version():
     for name, info in sorted(Catalog().plugins.items()):
         if info.installed:
             console.print(f"  {name} {info.version}")
-
-
-def _broken_command(message: str):
-    def command():
-        raise TricksError(message)
-
-    return command
-
-
-def _add_plugin_commands() -> None:
-    """Commands that installed plugins add (entry point group ``tricks.commands``): a
-    function with typer parameters, registered under the entry point's name."""
-    from importlib import metadata
-
-    taken = {c.name for c in app.registered_commands} | {g.name for g in app.registered_groups}
-    for ep in metadata.entry_points(group="tricks.commands"):
-        if ep.name in taken:
-            continue
-        try:
-            fn = ep.load()
-        except Exception as error:  # a broken plugin must not break the other commands
-            fn = _broken_command(f"command '{ep.name}' comes from a plugin that fails to import "
-                                 f"({type(error).__name__}: {error}); reinstall that plugin")
-        app.command(ep.name)(fn)
-        taken.add(ep.name)
-
-
-_add_plugin_commands()
 
 
 def main() -> None:

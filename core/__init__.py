@@ -13,6 +13,7 @@ from .config import CoreSettings, RunConfig, resolve  # noqa: E402
 from .errors import PluginHookError, TricksError  # noqa: E402
 from .hookspecs import hookimpl  # noqa: E402
 from .plugin import Plugin, Settings  # noqa: E402
+from .rundir import RunDir  # noqa: E402
 
 _LAZY = {"run": "api", "RunContext": "loop", "Reporter": "loop"}
 
@@ -29,5 +30,5 @@ def __getattr__(name):
 
 __all__ = [
     "__version__", "hookimpl", "Plugin", "Settings", "Field", "TricksError", "PluginHookError",
-    "CoreSettings", "RunConfig", "resolve", "Reporter", "RunContext", "run",
+    "CoreSettings", "RunConfig", "RunDir", "resolve", "Reporter", "RunContext", "run",
 ]

@@ -1,19 +1,23 @@
 """Ablations: train a baseline and the baseline with tricks added, over several seeds, and
 tabulate the effect of each trick.
 
-An ablation directory holds ``plan.json`` (what is trained: the configurations, the seeds, the
-shared settings), ``runs/<configuration>/seed<k>/`` (ordinary run directories), and the
-results: ``results.csv`` (one row per finished run), ``table.md`` and ``table.csv`` (one row per
-configuration: mean and spread over seeds, delta against the baseline, time) and ``chart.png``.
-The results are rewritten atomically after every run. Running the same ablation again into the
-same directory skips finished runs and resumes an interrupted one from its last checkpoint.
+``--grid plugin.key=v1,v2`` crosses the configurations with every value of one or more settings
+(each configuration takes the grid's settings of its own plugins and of the core).
+
+An ablation is a job (:mod:`tricks.jobs`): its directory holds ``job.json`` (the plan),
+``results/ID.json`` (one per finished run), ``runs/<configuration>/[<grid point>/]seed<k>/``
+(ordinary run directories), and the tables: ``results.csv`` (one row per finished run),
+``table.md`` and ``table.csv`` (one row per configuration and grid point: mean and spread over
+seeds, delta against the baseline at the same grid point, time) and ``chart.png``. The tables are
+rewritten atomically after every run. Running the same ablation again continues it with the
+engine's resume policy: finished runs are kept, an interrupted one resumes from its checkpoint.
 """
 
 from __future__ import annotations
 
 import csv
 import io as _io
-import json
+import itertools
 import math
 import statistics
 import textwrap
@@ -21,9 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import io
+from . import atomic
 from .config import CORE, parse_set, read_recipe, resolve
 from .errors import TricksError
+from .jobs import Item, Job, JobProgress, run_job
 from .registry import Catalog
 
 MODES = ("alone", "cumulative", "both")
@@ -37,6 +42,14 @@ class Configuration:
     slug: str
     plugins: list[str]
     added: list[str] = field(default_factory=list)  # the tricks on top of the base plugins
+    point: dict[str, str] = field(default_factory=dict)  # grid settings of this row: "plugin.key" -> raw value
+    base: str = ""  # the slug of the configuration before the grid was applied
+
+    @property
+    def folder(self) -> str:
+        """Where its runs go under ``runs/``: the configuration, then the grid point."""
+        name = ",".join(f"{k}={v}" for k, v in self.point.items()).replace("/", "_")
+        return f"{self.base or self.slug}/{name}" if name else self.slug
 
 
 def plan(tricks: list[str], mode: str = "alone", base: list[str] | None = None, all_together: bool = False) -> list[Configuration]:
@@ -78,6 +91,41 @@ def split_sets(sets: list[str], plugins: list[str]) -> list[str]:
     return [s for s in sets if parse_set(s)[0] in (CORE, *plugins)]
 
 
+def parse_grid(items: list[str] | None) -> list[tuple[str, list[str]]]:
+    """``--grid plugin.key=v1,v2,...`` items -> ``[("plugin.key", ["v1", "v2", ...]), ...]``."""
+    grid: list[tuple[str, list[str]]] = []
+    for item in items or []:
+        section, name, _ = parse_set(item)
+        raw = item.split("=", 1)[1]
+        values = [v.strip() for v in raw.split(",") if v.strip()]
+        key = f"{section}.{name}"
+        if not values:
+            raise TricksError(f"--grid {item!r}: give the values to try, e.g. --grid mixup.alpha=0.2,0.4,1.0")
+        if len(set(values)) < len(values):
+            raise TricksError(f"--grid {item!r}: a value is named twice; list each value once")
+        if key in (k for k, _ in grid):
+            raise TricksError(f"--grid names '{key}' twice; give all its values in one --grid {key}=v1,v2")
+        grid.append((key, values))
+    return grid
+
+
+def expand(configs: list[Configuration], grid: list[tuple[str, list[str]]]) -> list[Configuration]:
+    """Each configuration crossed with every point of the grid over the settings it has (the
+    core's, and its own plugins'); a configuration without any grid setting stays one row."""
+    rows = []
+    for c in configs:
+        keys = [(k, vs) for k, vs in grid if k.split(".")[0] in (CORE, *c.plugins)]
+        for values in itertools.product(*(vs for _, vs in keys)):
+            point = {k: v for (k, _), v in zip(keys, values)}
+            if not point:
+                rows.append(c)
+                continue
+            label = c.label + " [" + ", ".join(f"{k}={v}" for k, v in point.items()) + "]"
+            slug = c.slug + "@" + ",".join(f"{k}={v}" for k, v in point.items()).replace("/", "_")
+            rows.append(Configuration(label, slug, c.plugins, c.added, point, c.slug))
+    return rows
+
+
 @dataclass
 class RunResult:
     configuration: str
@@ -90,19 +138,6 @@ class RunResult:
     run_dir: str
 
 
-def read_result(config: Configuration, seed: int, run_dir: Path, epochs: int) -> RunResult | None:
-    """The result of a finished run (all its epochs in metrics.jsonl), else None."""
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.exists():
-        return None
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    if len(rows) < epochs:
-        return None
-    rows = rows[:epochs]
-    return RunResult(config.label, config.slug, seed, rows[-1]["val_acc"], max(r["val_acc"] for r in rows),
-                     rows[-1]["val_loss"], sum(r["epoch_seconds"] for r in rows), str(run_dir))
-
-
 def _mean_sd(values: list[float]) -> tuple[float, float]:
     mean = statistics.fmean(values)
     return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
@@ -111,18 +146,23 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 def summarize(configs: list[Configuration], results: list[RunResult]) -> list[dict]:
     """One row per configuration with finished runs: accuracy in %, mean and sample standard
     deviation over seeds, and the difference of the means from the baseline's."""
-    rows = []
+    rows, points = [], []
     for c in configs:
         mine = [r for r in results if r.slug == c.slug]
         if not mine:
             continue
         final, final_sd = _mean_sd([100 * r.final_val_acc for r in mine])
         best, best_sd = _mean_sd([100 * r.best_val_acc for r in mine])
-        rows.append(dict(configuration=c.label, plugins=" ".join(c.plugins) or "-", seeds=len(mine),
+        rows.append(dict(configuration=c.label, plugins=" ".join(c.plugins) or "-", **c.point, seeds=len(mine),
                          final_acc=final, final_sd=final_sd, best_acc=best, best_sd=best_sd,
                          seconds=statistics.fmean(r.seconds for r in mine)))
-    base = next((r for r in rows if r["configuration"] == configs[0].label), None)
-    for r in rows:
+        points.append(c.point)
+    baseline = configs[0].base or configs[0].slug
+    bases = [(c.point, r) for c, r in zip([c for c in configs if any(x.slug == c.slug for x in results)], rows)
+             if (c.base or c.slug) == baseline]
+    for point, r in zip(points, rows):
+        # the baseline at the same values of the grid settings it has
+        base = next((b for p, b in bases if all(point.get(k) == v for k, v in p.items())), None)
         r["delta_final"] = r["final_acc"] - base["final_acc"] if base else math.nan
         r["delta_best"] = r["best_acc"] - base["best_acc"] if base else math.nan
     return rows
@@ -180,15 +220,18 @@ def plot_chart(rows: list[dict], path: Path, title: str) -> None:
     ax.grid(axis="x", alpha=0.3)
     fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.5 / fig.get_figheight(), 1, 1))
-    io.write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    atomic.write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
 
 
-def write_results(out: Path, configs: list[Configuration], results: list[RunResult], title: str) -> list[dict]:
+def write_results(out: Path, configs: list[Configuration], results: list[RunResult], title: str,
+                  grid_keys: list[str] = ()) -> list[dict]:
     rows = summarize(configs, results)
-    io.write_text(out / "results.csv", csv_text([r.__dict__ for r in results], RESULT_COLUMNS))
-    io.write_text(out / "table.csv", csv_text(rows, TABLE_COLUMNS))
-    io.write_text(out / "table.md", f"# {title}\n\n" + markdown_table(rows))
+    points = {c.slug: c.point for c in configs}
+    atomic.write_text(out / "results.csv", csv_text([{**r.__dict__, **points.get(r.slug, {})} for r in results],
+                                                    RESULT_COLUMNS[:2] + list(grid_keys) + RESULT_COLUMNS[2:]))
+    atomic.write_text(out / "table.csv", csv_text(rows, TABLE_COLUMNS[:2] + list(grid_keys) + TABLE_COLUMNS[2:]))
+    atomic.write_text(out / "table.md", f"# {title}\n\n" + markdown_table(rows))
     if rows:
         plot_chart(rows, out / "chart.png", title)
     return rows
@@ -202,6 +245,7 @@ class AblationReporter:
         """Returns the :class:`tricks.Reporter` for the run (None: silent)."""
         return None
     def run_end(self, index: int, result: RunResult) -> None: ...
+    def run_failed(self, index: int, config: Configuration, seed: int, message: str) -> None: ...
     def finish(self, rows: list[dict], out: Path) -> None: ...
 
 
@@ -212,83 +256,107 @@ def ablate(
     seeds: int = 1,
     base: list[str] | None = None,
     all_together: bool = False,
+    grid: list[str] | None = None,
     recipe: str | Path | dict | None = None,
     overrides: dict[str, Any] | None = None,
     sets: list[str] | None = None,
     out: str | Path = "ablation",
     registries: list[Path] | None = None,
     reporter: AblationReporter | None = None,
+    gpus: str | None = None,
+    per_gpu: int = 1,
+    backend: str = "local",
+    address: str | None = None,
+    retry_failed: bool = False,
+    extra_plugins: list | None = None,
 ) -> list[dict]:
-    """Train every configuration of :func:`plan` with ``seeds`` seeds (the core seed, +1, ...)
-    into ``out`` and return the table rows. Finished runs found in ``out`` are not repeated."""
-    from .api import run as run_one
-
+    """Train every configuration of :func:`plan`, crossed with the ``grid`` (``plugin.key=v1,v2``
+    strings), with ``seeds`` seeds (the core seed, +1, ...) into ``out``, and return the table
+    rows. The runs are a job (:mod:`tricks.jobs`): finished runs found in ``out`` are kept, an
+    interrupted one resumes, one that fails is recorded and the others go on. ``gpus``,
+    ``per_gpu``, ``backend`` and ``address`` spread the runs as for a sampling job; ``retry_failed``
+    trains the runs that failed before again."""
     reporter = reporter or AblationReporter()
     if seeds < 1:
         raise TricksError(f"--seeds must be at least 1, got {seeds}")
-    configs = plan(plugins, mode, base, all_together)
+    base_configs = plan(plugins, mode, base, all_together)
+    grid_items = parse_grid(grid)
+    configs = expand(base_configs, grid_items)
     data = read_recipe(recipe) if isinstance(recipe, (str, Path)) else dict(recipe or {})
     sets, overrides = list(sets or []), {k: v for k, v in (overrides or {}).items() if v is not None}
-    named = {parse_set(s)[0] for s in sets} - {CORE}
-    everything = {p for c in configs for p in c.plugins}
-    stray = sorted(named - everything)
-    if stray:
-        raise TricksError(f"--set names '{stray[0]}', which is in no configuration of this ablation; "
-                          f"add it to --plugins or --base, or drop the --set")
+    everything = {p for c in base_configs for p in c.plugins}
+    for what, named in (("--set", {parse_set(s)[0] for s in sets}), ("--grid", {k.split(".")[0] for k, _ in grid_items})):
+        stray = sorted(named - everything - {CORE})
+        if stray:
+            raise TricksError(f"{what} names '{stray[0]}', which is in no configuration of this ablation; "
+                              f"add it to --plugins or --base, or drop the {what}")
+    both = sorted({f"{s_}.{k}" for s_, k, _ in map(parse_set, sets)} & {k for k, _ in grid_items})
+    if both:
+        raise TricksError(f"'{both[0]}' is in --set and in --grid; keep it in one of them")
 
-    # resolve every configuration before training any: a conflict or a bad setting stops here
+    # resolve every run before training any: a conflict or a bad setting stops here
     catalog = Catalog(registries)
-    resolved = {}
-    for c in configs:
-        try:
-            resolved[c.slug] = resolve(plugins=c.plugins, recipe=data, overrides=overrides,
-                                       sets=split_sets(sets, c.plugins), catalog=catalog)
-        except TricksError as error:
-            raise TricksError(f"configuration '{c.label}': {error}") from None
-    first_seed = resolved[configs[0].slug].core.seed
-    epochs = resolved[configs[0].slug].core.epochs
-
-    out = Path(out)
-    description = {
-        "configurations": [{"label": c.label, "slug": c.slug, "plugins": c.plugins} for c in configs],
-        "seeds": [first_seed + k for k in range(seeds)],
-        "settings": {c.slug: resolved[c.slug].to_dict() for c in configs},
-    }
-    for c in configs:  # versions may differ between sessions without changing what is trained
-        description["settings"][c.slug].pop("versions", None)
-    plan_file = out / "plan.json"
-    if plan_file.exists():
-        previous = json.loads(plan_file.read_text())
-        if previous != json.loads(json.dumps(description)):
-            raise TricksError(f"{out} holds an ablation with other configurations, seeds or settings; "
-                              "repeat its command to resume it, or choose another --out")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        io.write_json(plan_file, description)
+    first_seed = None
+    items, where = [], {}
+    for k in range(seeds):  # seed-major: a full table early
+        for c in configs:
+            point_sets = [f"{key}={value}" for key, value in c.point.items()]
+            try:
+                cfg = resolve(plugins=c.plugins, recipe=data, overrides=overrides,
+                              sets=split_sets(sets, c.plugins) + point_sets, catalog=catalog)
+                if first_seed is None:
+                    first_seed = cfg.core.seed
+                seed = first_seed + k
+                cfg.core.seed = seed
+            except (TricksError, ValueError) as error:
+                raise TricksError(f"configuration '{c.label}': {error}") from None
+            ident = f"{c.slug}-seed{seed}".replace("/", "_")
+            items.append(Item(ident, cfg.to_dict(), run_dir=f"runs/{c.folder}/seed{seed}",
+                              meta={"configuration": c.label, "slug": c.slug, "seed": seed}))
+            where[ident] = (c, seed)
 
     title = ("ablation: " + ", ".join(plugins) + (f" on {', '.join(base)}" if base else "")
-             + f" ({mode}{' + all' if all_together and mode == 'alone' else ''})")
-    jobs = [(c, first_seed + k) for k in range(seeds) for c in configs]  # seed-major: a full table early
+             + f" ({mode}{' + all' if all_together and mode == 'alone' else ''})"
+             + (" x " + " x ".join(k for k, _ in grid_items) if grid_items else ""))
+    job = Job(Path(out), "ablation", items, meta={
+        "configurations": [{"label": c.label, "slug": c.slug, "plugins": c.plugins, "grid": c.point} for c in configs],
+        "seeds": [first_seed + k for k in range(seeds)], "grid": dict(grid_items)})
+    grid_keys = [k for k, _ in grid_items]
     results: list[RunResult] = []
-    pending = []
-    for c, seed in jobs:
-        result = read_result(c, seed, out / "runs" / c.slug / f"seed{seed}", epochs)
-        (results.append(result) if result else pending.append((c, seed)))
-    reporter.start(len(jobs), len(results))
-    write_results(out, configs, results, title)
-    for c, seed in pending:
-        run_dir = out / "runs" / c.slug / f"seed{seed}"
-        resuming = (run_dir / "config.yaml").exists()
-        run_reporter = reporter.run_start(len(results), c, seed, resuming)
-        cfg = resolve(plugins=c.plugins, recipe=data, overrides={**overrides, "seed": seed},
-                      sets=split_sets(sets, c.plugins), catalog=catalog)
-        run_one(cfg, out=run_dir, resume=run_dir if resuming else None, reporter=run_reporter)
-        result = read_result(c, seed, run_dir, epochs)
-        results.append(result)
-        write_results(out, configs, results, title)
-        reporter.run_end(len(results), result)
+
+    def collect(result: dict) -> RunResult | None:
+        if result["status"] != "ok":
+            return None
+        c, seed = where[result["id"]]
+        return RunResult(c.label, c.slug, seed, result["final_val_acc"], result["best_val_acc"],
+                         result["final_val_loss"], result["train_seconds"], str(job.out / result["run_dir"]))
+
+    class Progress(JobProgress):
+        def start(self, job, total, done, failed):
+            for r in job.results().values():
+                if collect(r) is not None:
+                    results.append(collect(r))
+            reporter.start(total, done)
+            write_results(job.out, configs, results, title, grid_keys)
+
+        def item_start(self, item, resuming):
+            c, seed = where[item.id]
+            return reporter.run_start(len(results), c, seed, resuming)
+
+        def item_end(self, item, result):
+            one = collect(result)
+            if one is None:
+                c, seed = where[item.id]
+                reporter.run_failed(len(results), c, seed, result.get("message", ""))
+                return
+            results.append(one)
+            write_results(job.out, configs, results, title, grid_keys)
+            reporter.run_end(len(results), one)
+
+    run_job(job, gpus=gpus, per_device=per_gpu, backend=backend, address=address, progress=Progress(),
+            retry_failed=retry_failed, extra_plugins=extra_plugins)
     order = {c.slug: i for i, c in enumerate(configs)}
     results.sort(key=lambda r: (order[r.slug], r.seed))
-    rows = write_results(out, configs, results, title)
-    reporter.finish(rows, out)
+    rows = write_results(job.out, configs, results, title, grid_keys)
+    reporter.finish(rows, job.out)
     return rows

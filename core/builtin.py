@@ -32,11 +32,11 @@ class CoreDefaults:
 
     @hookimpl(trylast=True)
     def build_model(self, ctx):
-        return create_model(ctx.config.model, ctx.num_classes, ctx.in_chans)
+        return create_model(ctx.core.model, ctx.num_classes, ctx.in_chans)
 
     @hookimpl(trylast=True)
     def configure_optimizer(self, ctx, model):
-        c = ctx.config
+        c = ctx.core
         return torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum,
                                nesterov=c.nesterov and c.momentum > 0, weight_decay=c.weight_decay)
 

@@ -47,6 +47,7 @@ class CoreSettings(Settings):
     workers: int = Field(2, ge=0, description="loader processes for imagefolder data")
     log_every: int = Field(25, ge=1, description="steps between live loss updates (each is one host sync)")
     curves: bool = Field(True, description="plot the learning curves to curves.png at the end of the run")
+    init_from: str | None = Field(None, description="a run directory whose last weights the model starts from (fine-tuning)")
 
     @field_validator("device")
     @classmethod

@@ -10,12 +10,24 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import pluggy
 
 from . import hookspecs
 from .errors import PluginHookError, TricksError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .loop import RunContext
+
+    Schedule = Callable[[int, int, float], float]
+    Loss = Callable[[Any, Mapping[str, Any]], "torch.Tensor"]
+
+# Hooks whose combination the relay implements itself, one implementation at a time: pluggy's
+# wrappers cannot wrap them, so a wrapper there is refused when its plugin is registered.
+_NO_WRAPPERS = {hook for hook, rule in hookspecs.RULES.items() if rule in ("chained", "per-plugin")}
 
 
 def _guard(function: Callable, plugin: str, hook: str) -> Callable:
@@ -64,13 +76,34 @@ class Hooks:
             self._register(name, plugin)
         self.pm.check_pending()
         self.trace: list[str] | None = None
+        self.model_provider: str | None = None  # the plugin whose build_model built the model
 
     def _register(self, name: str, plugin: Any) -> None:
         self.pm.register(plugin, name=name)
         for caller in self.pm.get_hookcallers(plugin) or []:
             for impl in caller.get_hookimpls():
-                if impl.plugin is plugin:
-                    impl.function = _guard(impl.function, name, caller.name)
+                if impl.plugin is not plugin:
+                    continue
+                if (impl.wrapper or impl.hookwrapper) and caller.name in _NO_WRAPPERS:
+                    rule = hookspecs.RULES[caller.name]
+                    raise TricksError(f"plugin '{name}' implements '{caller.name}' as a wrapper, but '{caller.name}' is a "
+                                      f"{rule} hook where every implementation runs in turn; drop wrapper=True "
+                                      f"(see tricks.hookspecs.{caller.name})")
+                impl.function = _guard(impl.function, name, caller.name)
+                if caller.name == "build_model" and not (impl.wrapper or impl.hookwrapper):
+                    impl.function = self._recording_provider(impl.function, name)
+
+    def _recording_provider(self, function: Callable, name: str) -> Callable:
+        """A model provider that notes its name in ``model_provider`` when it builds the model."""
+
+        @functools.wraps(function)
+        def provider(*args):
+            model = function(*args)
+            if model is not None:
+                self.model_provider = name
+            return model
+
+        return provider
 
     def implementers(self, hook: str) -> list[str]:
         """Names of the plugins implementing ``hook``, in call order (core excluded)."""
@@ -87,28 +120,28 @@ class Hooks:
             self.trace.append(hook)
 
     # --- firstresult hooks ------------------------------------------------------------
-    def build_model(self, ctx):
+    def build_model(self, ctx: "RunContext") -> "torch.nn.Module":
         self._record("build_model")
         return self.pm.hook.build_model(ctx=ctx)
 
-    def configure_optimizer(self, ctx, model):
+    def configure_optimizer(self, ctx: "RunContext", model: "torch.nn.Module") -> "torch.optim.Optimizer":
         self._record("configure_optimizer")
         return self.pm.hook.configure_optimizer(ctx=ctx, model=model)
 
-    def configure_schedule(self, ctx, optimizer):
+    def configure_schedule(self, ctx: "RunContext", optimizer: "torch.optim.Optimizer") -> "Schedule":
         self._record("configure_schedule")
         return self.pm.hook.configure_schedule(ctx=ctx, optimizer=optimizer)
 
-    def build_loss(self, ctx):
+    def build_loss(self, ctx: "RunContext") -> "Loss":
         self._record("build_loss")
         return self.pm.hook.build_loss(ctx=ctx)
 
-    def evaluate(self, ctx, model, loader):
+    def evaluate(self, ctx: "RunContext", model: "torch.nn.Module", loader: Iterable) -> dict[str, Any]:
         self._record("evaluate")
         return self.pm.hook.evaluate(ctx=ctx, model=model, loader=loader)
 
     # --- chained -------------------------------------------------------------------------
-    def on_batch(self, ctx, batch):
+    def on_batch(self, ctx: "RunContext", batch: dict[str, Any]) -> dict[str, Any]:
         self._record("on_batch")
         for impl in self._on_batch:
             out = impl.function(*[{"ctx": ctx, "batch": batch}[a] for a in impl.argnames])
@@ -121,31 +154,31 @@ class Hooks:
         return self._impls("on_batch")
 
     # --- collect / broadcast ---------------------------------------------------------------
-    def prune(self, ctx, model) -> list:
+    def prune(self, ctx: "RunContext", model: "torch.nn.Module") -> list:
         self._record("prune")
         return [r for r in self.pm.hook.prune(ctx=ctx, model=model) if r]
 
-    def on_fit_start(self, ctx):
+    def on_fit_start(self, ctx: "RunContext") -> None:
         self._record("on_fit_start")
         self.pm.hook.on_fit_start(ctx=ctx)
 
-    def on_epoch_start(self, ctx, epoch):
+    def on_epoch_start(self, ctx: "RunContext", epoch: int) -> None:
         self._record("on_epoch_start")
         self.pm.hook.on_epoch_start(ctx=ctx, epoch=epoch)
 
-    def on_evaluate_end(self, ctx, metrics):
+    def on_evaluate_end(self, ctx: "RunContext", metrics: dict[str, Any]) -> None:
         self._record("on_evaluate_end")
         self.pm.hook.on_evaluate_end(ctx=ctx, metrics=metrics)
 
-    def on_epoch_end(self, ctx, epoch, metrics):
+    def on_epoch_end(self, ctx: "RunContext", epoch: int, metrics: dict[str, Any]) -> None:
         self._record("on_epoch_end")
         self.pm.hook.on_epoch_end(ctx=ctx, epoch=epoch, metrics=metrics)
 
-    def on_fit_end(self, ctx, summary):
+    def on_fit_end(self, ctx: "RunContext", summary: dict[str, Any]) -> None:
         self._record("on_fit_end")
         self.pm.hook.on_fit_end(ctx=ctx, summary=summary)
 
-    def on_exception(self, ctx, error):
+    def on_exception(self, ctx: "RunContext", error: BaseException) -> None:
         self._record("on_exception")
         try:
             self.pm.hook.on_exception(ctx=ctx, error=error)
@@ -153,7 +186,7 @@ class Hooks:
             pass
 
     # --- per-plugin state --------------------------------------------------------------------
-    def state_dict(self, ctx) -> dict:
+    def state_dict(self, ctx: "RunContext") -> dict[str, Any]:
         self._record("state_dict")
         states = {}
         for impl in self._impls("state_dict"):
@@ -162,7 +195,7 @@ class Hooks:
                 states[impl.plugin_name] = state
         return states
 
-    def load_state_dict(self, ctx, states: dict) -> None:
+    def load_state_dict(self, ctx: "RunContext", states: dict[str, Any]) -> None:
         self._record("load_state_dict")
         for impl in self._impls("load_state_dict"):
             if impl.plugin_name in states:

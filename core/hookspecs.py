@@ -4,7 +4,9 @@ Every hook takes keyword arguments: the run context ``ctx`` (a :class:`tricks.Ru
 plus the object it is about. A plugin implements a hook by defining a method of the same name
 decorated with ``@tricks.hookimpl``; it may accept any subset of the declared arguments.
 
-Combination rules, in pluggy's terms:
+Combination rules, in pluggy's terms (a wrapper, ``@hookimpl(wrapper=True)``, is refused when its
+plugin is registered for the chained and per-plugin hooks, whose implementations the relay calls
+one by one):
 
 * *firstresult* hooks stop at the first implementation that returns something other than
   ``None``. The core's own defaults are registered ``trylast``, so any plugin's result wins
@@ -55,10 +57,14 @@ def build_model(ctx):
 
     Fires: once, before training (and again when a run resumes).
     Parameters:
-        ctx: the run context; ``ctx.config.model``, ``ctx.num_classes``, ``ctx.in_chans``
+        ctx: the run context; ``ctx.core.model``, ``ctx.num_classes``, ``ctx.in_chans``
             and ``ctx.image_size`` describe what is needed.
     Returns: an ``nn.Module`` whose forward maps ``batch["input"]`` to the model output, or
         ``None`` to leave the choice to the next provider.
+    The provider rule, one for every provider: return ``None`` when ``ctx.core.model`` is not a
+        name this provider builds; raise ``TricksError`` only for a bad setting of a name it does
+        build. The core's provider, last, refuses a name nobody built; a plugin of the run that
+        provides the model (``provides: [model]``) but built nothing is refused by the core too.
     Combines: first non-None result wins; the core's provider (CIFAR ResNets and ``timm:NAME``)
         is registered last. Model surgery (zero-gamma, DropBlock insertion) is a wrapper
         (``wrapper=True``): ``model = yield``, change it, return it.
@@ -71,7 +77,7 @@ def configure_optimizer(ctx, model):
 
     Fires: after the model is built, and again after any structural change (``prune``).
     Parameters:
-        ctx: the run context; ``ctx.config`` holds ``lr``, ``momentum``, ``weight_decay``.
+        ctx: the run context; ``ctx.core`` holds ``lr``, ``momentum``, ``weight_decay``.
         model: the (unwrapped) model being trained.
     Returns: a ``torch.optim.Optimizer``, or ``None``.
     Combines: first non-None result wins (the core's default is SGD with Nesterov momentum);
@@ -163,7 +169,7 @@ def evaluate(ctx, model, loader):
             process's shard of the validation set.
     Returns: a dict of summed statistics with an ``n`` entry (the number of examples); the
         core reduces them across processes and divides every entry by ``n`` (the default
-        returns ``loss`` and ``correct``, reported as ``val_loss`` and ``val_acc``).
+        returns ``loss`` and ``acc`` (the summed loss and the number of correct predictions), reported as ``val_loss`` and ``val_acc``).
     Combines: first non-None result wins; a task plugin brings its own metrics.
     """
 

@@ -9,7 +9,6 @@ writes the metrics and an atomic checkpoint, and finally the summary and the cur
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -21,17 +20,13 @@ import numpy as np
 import torch
 
 from . import distributed as dist
-from . import io
 from .builtin import CoreDefaults
 from .config import CoreSettings, RunConfig
 from .data import Data, load_data, make_loaders
 from .errors import TricksError
 from .hooks import Hooks
 from .plots import plot_curves
-
-CHECKPOINT = Path("checkpoints") / "last.pt"
-# Every file the run writes (atomically, through a temporary ``.NAME.*`` file beside it).
-RUN_FILES = (Path("config.yaml"), Path("metrics.jsonl"), Path("summary.json"), Path("curves.png"), CHECKPOINT)
+from .rundir import RunDir, load_state
 
 
 class Reporter:
@@ -49,8 +44,8 @@ class Reporter:
 class RunContext:
     """What every hook receives as ``ctx``: the settings, the data's shape, the live objects."""
 
-    config: CoreSettings
-    run: RunConfig
+    core: CoreSettings
+    run_config: RunConfig
     device: torch.device
     rank: int
     world_size: int
@@ -82,11 +77,11 @@ class RunContext:
 
     @property
     def precision_dtype(self) -> torch.dtype | None:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.precision)
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.core.precision)
 
     def settings(self, plugin: str):
         """The resolved settings of a plugin of this run."""
-        return self.run.settings[plugin]
+        return self.run_config.settings[plugin]
 
     def autocast(self):
         """Autocast to the run's precision on its device (a no-op for fp32)."""
@@ -157,37 +152,47 @@ class Trainer:
         self.run_dir = Path(out) if out is not None else None
         if self.run_dir is None:
             self.run_dir = dist.broadcast_object(_new_run_dir(cfg) if self.rank == 0 else None)
+        self.run = RunDir(self.run_dir)
         self.hooks = Hooks(cfg.instantiate(), core=CoreDefaults())
         self.hooks.trace = trace
 
     # --- setup ----------------------------------------------------------------------------
     def _prepare_dir(self) -> dict | None:
-        ckpt_path = self.run_dir / CHECKPOINT
+        run = self.run
         checkpoint = None
         if self.resume:
-            if not (self.run_dir / "config.yaml").exists():
-                raise TricksError(f"{self.run_dir} holds no run (no config.yaml); start one with --out {self.run_dir}")
-            if ckpt_path.exists():
-                checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+            if not run.has_run():
+                raise TricksError(f"{run.path} holds no run (no config.yaml); start one with --out {run.path}")
+            checkpoint = run.load_checkpoint()
+            if checkpoint is not None:
                 done, epochs = checkpoint["epoch"], self.cfg.core.epochs
                 if done >= epochs:
-                    raise TricksError(f"the run in {self.run_dir} is finished ({done} of {epochs} epochs); "
-                                      f"to train it longer, resume with more epochs: --resume {self.run_dir} --epochs N (N > {done})")
-        elif (self.run_dir / "config.yaml").exists() or ckpt_path.exists():
-            raise TricksError(f"run directory {self.run_dir} already holds a run; continue it with --resume {self.run_dir} or choose another --out")
+                    raise TricksError(f"the run in {run.path} is finished ({done} of {epochs} epochs); "
+                                      f"to train it longer, resume with more epochs: --resume {run.path} --epochs N (N > {done})")
+        elif run.has_run() or run.has_checkpoint():
+            raise TricksError(f"run directory {run.path} already holds a run; continue it with --resume {run.path} or choose another --out")
         return checkpoint
 
     def _write_config(self) -> None:
         """The resolved config, written once the run has been set up without error. A resumed
         run first removes the temporary files of writes that a killed run never renamed."""
         if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.run.path.mkdir(parents=True, exist_ok=True)
             if self.resume:
-                for name in RUN_FILES:
-                    target = self.run_dir / name
-                    for stale in target.parent.glob(f".{target.name}.*"):
-                        stale.unlink(missing_ok=True)
-            io.write_text(self.run_dir / "config.yaml", self.cfg.to_yaml())
+                self.run.clean_stale()
+            self.run.write_config(self.cfg)
+
+    def _build_model(self) -> torch.nn.Module:
+        """The model from the ``build_model`` hook; a plugin of the run that provides the model
+        but returned None for ``--model`` (it builds other names) is an error, not a silent no-op."""
+        model = self.hooks.build_model(self.ctx)
+        for name in self.cfg.plugins:
+            info = self.cfg.infos.get(name)
+            if (info is not None and "model" in (info.meta("provides") or []) and "build_model" in info.hooks
+                    and self.hooks.model_provider != name):
+                raise TricksError(f"plugin '{name}' cannot build model '{self.cfg.core.model}' (it provides models of its "
+                                  f"own: tricks plugins show {name}); choose one of them with --model, or leave {name} out")
+        return model
 
     def _place(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model on the run's device, in channels_last when asked."""
@@ -226,10 +231,11 @@ class Trainer:
             "plugins": states,
             "history": history,
             "config": self.cfg.to_dict(),
+            "shape": {"num_classes": ctx.num_classes, "in_chans": ctx.in_chans, "image_size": ctx.image_size},
         }
         if structure_changed:
             payload["model_object"] = ctx.model  # the new shapes, since the config alone cannot rebuild them
-        io.torch_save(payload, self.run_dir / CHECKPOINT)
+        self.run.save_checkpoint(payload)
 
     # --- the run ----------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -240,15 +246,17 @@ class Trainer:
         data = load_data(core)
         train_loader, val_loader = make_loaders(data, core, device, self.rank, self.world)
         ctx = self.ctx = RunContext(
-            config=core, run=cfg, device=device, rank=self.rank, world_size=self.world, run_dir=self.run_dir,
+            core=core, run_config=cfg, device=device, rank=self.rank, world_size=self.world, run_dir=self.run_dir,
             num_classes=data.num_classes, in_chans=data.in_chans, image_size=data.image_size,
             train_size=data.train_size, steps_per_epoch=len(train_loader), epochs=core.epochs,
             data=data, reporter=self.reporter,
         )
         hooks = self.hooks
         try:
-            model = hooks.build_model(ctx)
+            model = self._build_model()
             structure_changed = False
+            if checkpoint is None and core.init_from:
+                model, structure_changed = _init_from(model, core.init_from)
             if checkpoint is not None and "model_object" in checkpoint:
                 model, structure_changed = checkpoint["model_object"], True
             ctx.model = self._place(model)
@@ -281,14 +289,14 @@ class Trainer:
                 history.append(row)
                 self._checkpoint(history, structure_changed)
                 if self.rank == 0:
-                    io.write_jsonl(self.run_dir / "metrics.jsonl", history)
+                    self.run.write_metrics(history)
                 self.reporter.epoch_end(row)
             summary = self._summary(history)
             hooks.on_fit_end(ctx, summary)
             if self.rank == 0:
-                io.write_json(self.run_dir / "summary.json", summary)
+                self.run.write_summary(summary)
                 if history and core.curves:
-                    plot_curves(history, self.run_dir / "curves.png", title=" + ".join(cfg.plugins) or "baseline")
+                    plot_curves(history, self.run.file(RunDir.CURVES), title=" + ".join(cfg.plugins) or "baseline")
             self.reporter.finish(summary)
             return summary
         except BaseException as error:
@@ -361,16 +369,46 @@ class Trainer:
             "epochs": ctx.epochs,
             "plugins": list(self.cfg.plugins),
             "versions": self.cfg.versions,
-            "model": ctx.config.model,
-            "dataset": ctx.config.dataset,
+            "model": ctx.core.model,
+            "dataset": ctx.core.dataset,
             "params": _count_params(ctx.model),
-            "seed": ctx.config.seed,
+            "seed": ctx.core.seed,
             "device": str(ctx.device),
-            "precision": ctx.config.precision,
+            "precision": ctx.core.precision,
             "world_size": self.world,
             "train_seconds": sum(r["epoch_seconds"] for r in history),
             "run_dir": str(self.run_dir),
         }
+
+
+def _init_from(model: torch.nn.Module, source: str) -> tuple[torch.nn.Module, bool]:
+    """``core.init_from``: the model starts from the last weights of another run (fine-tuning, a
+    job item that depends on an earlier one). A run whose structure changed hands on its model."""
+    run = RunDir(source)
+    checkpoint = run.load_checkpoint()
+    if checkpoint is None:
+        raise TricksError(f"core.init_from={source}: no checkpoint there ({RunDir.CHECKPOINT}); "
+                          "name a run directory that has trained at least one epoch")
+    changed = "model_object" in checkpoint
+    if changed:
+        model = checkpoint["model_object"]
+    load_state(model, checkpoint["model"], str(run.checkpoint_path))
+    return model, changed
+
+
+def build_model(cfg: RunConfig, device: str | torch.device = "cpu", *, num_classes: int, in_chans: int,
+                image_size: int, reporter: Reporter | None = None) -> torch.nn.Module:
+    """The model a run with config ``cfg`` builds for data of this shape, through its plugins'
+    ``build_model`` hooks and the core's provider, with fresh weights (no data is loaded)."""
+    hooks = Hooks(cfg.instantiate(), core=CoreDefaults())
+    ctx = RunContext(core=cfg.core, run_config=cfg, device=torch.device(device), rank=0, world_size=1, run_dir=None,
+                     num_classes=num_classes, in_chans=in_chans, image_size=image_size, train_size=0,
+                     steps_per_epoch=1, epochs=cfg.core.epochs, reporter=reporter or Reporter())
+    with torch.random.fork_rng(devices=[]):
+        model = hooks.build_model(ctx)
+    if model is None:
+        raise TricksError(f"no plugin of the run built the model '{cfg.core.model}'")
+    return model
 
 
 def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False,

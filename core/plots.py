@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .io import write_with
+from .atomic import write_with
 
 
 def plot_curves(history: list[dict], path: Path, title: str = "") -> None:

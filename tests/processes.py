@@ -20,6 +20,7 @@ from pathlib import Path
 from unittest import mock
 
 import tricks
+from tricks.testing import one_torch_thread  # noqa: F401  (re-exported for the tests)
 
 HERE = Path(__file__).resolve().parent
 # One thread per process: runs compared for equality must use the same thread count, and two
@@ -127,16 +128,3 @@ def leftovers(run_dir: Path) -> list[str]:
 def snapshot(run_dir: Path) -> dict[str, bytes]:
     """Every file of a run directory and its bytes, to check that nothing was rewritten."""
     return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(Path(run_dir).rglob("*")) if p.is_file()}
-
-
-@contextlib.contextmanager
-def one_torch_thread():
-    """Train in this process with one thread, like the processes started here, then restore."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from tricks.ablate import Configuration, RunResult, plan, split_sets, summarize
+from tricks.ablate import Configuration, RunResult, expand, parse_grid, plan, split_sets, summarize
 from tricks.errors import TricksError
 
 from conftest import TINY
-from processes import cli_in_process, finish, finish_killed, one_line_error, snapshot, start_cli, start_script
+from processes import cli_in_process, one_line_error, snapshot
 
 TRICKS = ["warmup", "zero_gamma", "cosine"]
 # 2 epochs of 4 steps: warmup needs to be shorter than the run
@@ -85,6 +85,7 @@ def test_bad_ablations_stop_before_training_with_one_line(tmp_path):
         plan(TRICKS, "sideways")
 
 
+@pytest.mark.slow
 def test_an_ablation_writes_its_table_chart_and_runs_and_refuses_another_plan_in_its_directory(tmp_path):
     out = tmp_path / "abl"
     args = ["ablate", "--plugins", "cosine,label_smoothing", "--seeds", "2", "--out", str(out), *SMALL[:-4],
@@ -113,36 +114,64 @@ def test_an_ablation_writes_its_table_chart_and_runs_and_refuses_another_plan_in
     assert snapshot(out / "runs") == before  # nothing retrained
 
     code, _, err = cli_in_process(*args[:-1], "2")
-    one_line_error(code, err, "other configurations", "another --out")
+    one_line_error(code, err, "holds an ablation whose item 'baseline-seed0' differs",
+                   "recipe.core.epochs: 1 before, 2 now", "another --out")
 
 
-def test_an_ablation_killed_mid_run_resumes_without_repeating_finished_runs(tmp_path):
+def test_a_grid_crosses_each_configuration_with_the_settings_it_has():
+    grid = parse_grid(["mixup.alpha=0.2,1.0", "core.lr=0.05,0.1"])
+    assert grid == [("mixup.alpha", ["0.2", "1.0"]), ("core.lr", ["0.05", "0.1"])]
+    rows = expand(plan(["mixup", "cosine"]), grid)
+    # the baseline and cosine have no mixup: one row per learning rate; mixup: one per (alpha, lr)
+    assert [(r.base or r.slug, r.point) for r in rows] == [
+        ("baseline", {"core.lr": "0.05"}), ("baseline", {"core.lr": "0.1"}),
+        ("only-mixup", {"mixup.alpha": "0.2", "core.lr": "0.05"}), ("only-mixup", {"mixup.alpha": "0.2", "core.lr": "0.1"}),
+        ("only-mixup", {"mixup.alpha": "1.0", "core.lr": "0.05"}), ("only-mixup", {"mixup.alpha": "1.0", "core.lr": "0.1"}),
+        ("only-cosine", {"core.lr": "0.05"}), ("only-cosine", {"core.lr": "0.1"})]
+    assert len({r.slug for r in rows}) == len(rows) and len({r.folder for r in rows}) == len(rows)
+    assert rows[2].label == "+ mixup [mixup.alpha=0.2, core.lr=0.05]"
+    assert rows[2].folder == "only-mixup/mixup.alpha=0.2,core.lr=0.05"
+    assert expand(plan(["cosine"]), parse_grid(["mixup.alpha=0.2,1.0"])) == plan(["cosine"])
+
+
+def test_a_grid_row_is_compared_with_the_baseline_at_the_same_grid_values():
+    configs = expand(plan(["cosine"]), parse_grid(["core.lr=0.05,0.1"]))
+    finals = {"baseline@core.lr=0.05": 0.50, "baseline@core.lr=0.1": 0.70,
+              "only-cosine@core.lr=0.05": 0.60, "only-cosine@core.lr=0.1": 0.65}
+    results = [RunResult(c.label, c.slug, 0, finals[c.slug], finals[c.slug], 0.5, 1.0, "x") for c in configs]
+    rows = summarize(configs, results)
+    assert [r["core.lr"] for r in rows] == ["0.05", "0.1", "0.05", "0.1"]
+    assert [r["delta_final"] for r in rows] == pytest.approx([0.0, 0.0, 10.0, -5.0])
+
+
+@pytest.mark.parametrize("grid, fragments", [
+    (["mixup.alpha"], ["expected section.key=value"]),
+    (["mixup.alpha="], ["give the values to try"]),
+    (["mixup.alpha=0.2,0.2"], ["named twice"]),
+    (["mixup.alpha=0.2", "mixup.alpha=0.4"], ["'mixup.alpha' twice", "one --grid"]),
+    (["cutout.length=4,8"], ["--grid names 'cutout'", "no configuration"]),
+    (["mixup.alpha=0.2,-1"], ["configuration '+ mixup [mixup.alpha=-1]'", "mixup.alpha"]),
+])
+def test_bad_grids_stop_before_training_with_one_line(tmp_path, grid, fragments):
     out = tmp_path / "abl"
-    args = ["--plugins", "warmup,cosine", "--cumulative", "--out", str(out), *SMALL]
-    finish_killed(start_script(f"""
-        import os, signal
-        import tricks.loop as loop
-        from typer.testing import CliRunner
-        from tricks.cli.main import app
-        epoch = loop.Trainer._epoch
-        def killing(self, e, *rest):
-            if self.run_dir.parent.name == "upto-cosine" and e == 1:
-                os.kill(os.getpid(), signal.SIGKILL)  # in the middle of the last configuration
-            return epoch(self, e, *rest)
-        loop.Trainer._epoch = killing
-        CliRunner().invoke(app, ["ablate", *{args!r}])
-    """))
-    finished = snapshot(out / "runs" / "baseline") | {"w/" + k: v for k, v in snapshot(out / "runs" / "upto-warmup").items()}
-    killed = out / "runs" / "upto-cosine" / "seed0"
-    assert len((killed / "metrics.jsonl").read_text().splitlines()) == 1
-    assert [r["configuration"] for r in csv.DictReader((out / "table.csv").open())] == ["baseline", "+ warmup"]
+    args = [a for g in grid for a in ("--grid", g)]
+    code, _, err = cli_in_process("ablate", "--plugins", "mixup", *args, "--out", str(out), "--device", "cpu")
+    one_line_error(code, err, *fragments)
+    assert not out.exists()
 
-    done = finish(start_cli("ablate", *args))
-    assert done.returncode == 0, done.stderr
-    assert "2 of 3 runs already finished" in done.stdout
-    after = snapshot(out / "runs" / "baseline") | {"w/" + k: v for k, v in snapshot(out / "runs" / "upto-warmup").items()}
-    assert after == finished  # the finished runs were not repeated
-    rows = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1, 2]  # the killed run resumed at its second epoch
+
+@pytest.mark.slow
+def test_a_grid_ablation_writes_one_row_per_configuration_and_grid_point(tmp_path):
+    out = tmp_path / "abl"
+    code, stdout, err = cli_in_process("ablate", "--plugins", "label_smoothing", "--grid", "label_smoothing.epsilon=0.1,0.3",
+                                       "--out", str(out), *SMALL[:-4], "--device", "cpu", "--epochs", "1")
+    assert code == 0, err
     table = list(csv.DictReader((out / "table.csv").open()))
-    assert [r["configuration"] for r in table] == ["baseline", "+ warmup", "+ warmup + cosine"]
+    assert [(r["configuration"], r["label_smoothing.epsilon"]) for r in table] == [
+        ("baseline", ""), ("+ label_smoothing [label_smoothing.epsilon=0.1]", "0.1"),
+        ("+ label_smoothing [label_smoothing.epsilon=0.3]", "0.3")]
+    for r in csv.DictReader((out / "results.csv").open()):
+        config = (Path(r["run_dir"]) / "config.yaml").read_text()
+        if r["label_smoothing.epsilon"]:
+            assert f"epsilon: {r['label_smoothing.epsilon']}" in config
+    assert (out / "runs" / "only-label_smoothing" / "label_smoothing.epsilon=0.3" / "seed0" / "summary.json").is_file()

@@ -16,11 +16,13 @@ import torch
 
 import tricks
 from tricks.registry import EXCLUSIVE, Catalog, default_registry_file, load_registry_file
+from tricks.testing import tiny_run
+
+pytestmark = pytest.mark.slow  # every test here trains end to end
 
 ENTRIES = {name: entry for name, (entry, _) in load_registry_file(default_registry_file()).items()}
 NAMES = sorted(ENTRIES)
-# two steps of 32 digits, a small validation set
-FEW_STEPS = dict(model="resnet8", batch_size=32, train_limit=64, val_limit=32, epochs=1, device="cpu")
+FEW_STEPS = dict(train_limit=64, val_limit=32)  # tiny_run with two steps of 32 digits, a small validation set
 
 
 def few_steps(names: list[str]) -> dict:
@@ -31,6 +33,13 @@ def few_steps(names: list[str]) -> dict:
         if model:
             return {**FEW_STEPS, "model": model}
     return FEW_STEPS
+
+
+def assert_trained(run: tricks.RunDir, names: list[str]) -> None:
+    """The run trained its one epoch with exactly the plugins ``names``, to finite losses."""
+    assert sorted(run.config()["plugins"]) == sorted(names)
+    [row] = run.metrics()
+    assert math.isfinite(row["train_loss"]) and math.isfinite(row["val_loss"]), row
 
 
 def conflicting(a: str, b: str) -> bool:
@@ -73,9 +82,8 @@ def test_every_pair_trains_together_unless_the_registry_says_they_conflict(a, b,
         with pytest.raises(tricks.TricksError, match="conflict"):
             tricks.resolve(plugins=[a, b])
         return
-    summary = tricks.run(plugins=[a, b], set=examples(a) + examples(b), out=tmp_path / "run", **few_steps([a, b]))
-    assert summary["status"] == "complete"
-    assert math.isfinite(summary["final_val_loss"])
+    run = tiny_run(plugins=[a, b], set=examples(a) + examples(b), out=tmp_path / "run", **few_steps([a, b]))
+    assert_trained(run, [a, b])
 
 
 def test_the_registry_declares_why_the_bag_of_tricks_cannot_all_run_together():
@@ -90,14 +98,13 @@ def test_the_whole_bag_trains_at_once(precision, examples, tmp_path):
     names = bag()
     assert {"mixup", "kd", "dropblock", "label_smoothing", "warmup", "zero_gamma"} <= set(names)
     sets = [s for n in names for s in examples(n)]
-    summary = tricks.run(plugins=names, set=sets, out=tmp_path / "run", precision=precision, **few_steps(names))
-    assert summary["status"] == "complete"
-    assert math.isfinite(summary["final_val_loss"])
-    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    run = tiny_run(plugins=names, set=sets, out=tmp_path / "run", precision=precision, **few_steps(names))
+    assert_trained(run, names)
+    checkpoint = run.load_checkpoint()
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
 
 
 @pytest.mark.parametrize("name", sorted(set(NAMES) - set(bag())))
 def test_the_plugins_left_out_of_the_bag_train_in_fp16(name, examples, tmp_path):
-    summary = tricks.run(plugins=[name], set=examples(name), out=tmp_path / "run", precision="fp16", **few_steps([name]))
-    assert summary["status"] == "complete" and math.isfinite(summary["final_val_loss"])
+    run = tiny_run(plugins=[name], set=examples(name), out=tmp_path / "run", precision="fp16", **few_steps([name]))
+    assert_trained(run, [name])

@@ -1,103 +1,185 @@
 """The contract every registered plugin keeps, and the registry's own validation.
 
-``test_plugin_contract`` runs once per plugin named in registry.yaml: a plugin joins it by
-being registered, without a test file of its own for the contract. What it checks:
-
-* the plugin is installed (an entry point in ``tricks.plugins`` from the registry's distribution);
-* the registry's ``hooks`` list is exactly the hooks its class implements, each a declared hookspec
-  whose arguments the implementation accepts;
-* every setting has a default and a description, and the defaults validate;
-* its README, at the registry's ``path``, names the paper (title and arXiv id) and has the
-  sections a plugin card needs (see README_SECTIONS);
-* a one-epoch run with only this plugin (and its ``example_settings``) completes with a finite loss.
+``test_plugin_contract`` runs :func:`tricks.testing.check_plugin` once per plugin named in
+registry.yaml: a plugin joins it by being registered, without a test file of its own for the
+contract. The other tests here show that ``check_plugin`` fails, naming the plugin and the point,
+on plugins that break each part of the contract.
 """
 
 from __future__ import annotations
 
-import math
 import re
-from importlib import metadata
-from pathlib import Path
+import sys
 
-import pluggy
 import pytest
 import yaml
 
 import tricks
-from tricks import hookspecs
-from tricks.plugin import implemented_hooks
-from tricks.registry import Catalog, default_registry_file, load_registry_file
+from tricks.registry import default_registry_file, load_registry_file
+from tricks.testing import check_plugin
 
-from conftest import ROOT, TINY_API
+from conftest import ROOT
 
 REGISTRY = default_registry_file()
 NAMES = sorted(load_registry_file(REGISTRY))
 
-# The headings a plugin README needs (searched for, case-insensitively, in its headings).
-README_SECTIONS = {
-    "the paper's claim": r"\bclaims?\b",
-    "the defaults": r"\bdefaults?\b",
-    "what we measured": r"^what we measured\b",
-}
 
-
-def _headings(text: str) -> list[str]:
-    """The Markdown headings of ``text``, leaving out ``#`` lines inside fenced code."""
-    prose = re.sub(r"^```.*?^```", "", text, flags=re.MULTILINE | re.DOTALL)
-    return [m.group(1).strip() for m in re.finditer(r"^#{1,6}\s+(.+)$", prose, flags=re.MULTILINE)]
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_plugin_contract(name, tmp_path):
-    catalog = Catalog()
-    info = catalog.plugins[name]
-    entry = info.entry
+    check_plugin(name, workdir=tmp_path)
 
-    # installed, from the distribution and entry point the registry names
-    assert info.installed, f"{name} is registered but not installed: {info.install_command()}"
-    assert info.entry_point.value == entry.entry_point, f"{name}: entry point differs from the registry's"
-    assert metadata.distribution(entry.distribution).entry_points.select(group="tricks.plugins", name=name), (
-        f"{name}: distribution {entry.distribution} does not declare the entry point")
-    cls = info.load()
 
-    # hooks: the registry's list is what the class implements, and each is a declared hookspec
-    implemented = implemented_hooks(cls)
-    assert sorted(entry.hooks) == implemented, f"{name}: registry hooks {entry.hooks} != implemented {implemented}"
-    declared = {n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), hookspecs.PROJECT + "_spec")}
-    assert set(implemented) <= declared, f"{name}: implements undeclared hooks {set(implemented) - declared}"
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
-    pm.add_hookspecs(hookspecs)
-    pm.register(cls(), name=name)  # raises when an implementation takes arguments its spec lacks
-    pm.check_pending()
+# --- check_plugin on plugins that break the contract ----------------------------------------------
 
-    # settings: every field has a default and a description, and the defaults validate
-    for key, field in cls.Settings.model_fields.items():
-        assert not field.is_required(), f"{name}.{key} has no default"
-        assert field.description and field.description.strip(), f"{name}.{key} has no description"
-    defaults = cls.Settings()
-    assert cls.Settings(**defaults.model_dump()) == defaults
-    assert tricks.resolve(plugins=[name]).settings[name] == defaults
+CARD = """# tricks-{name}
 
-    # README: at the registry's path; names the paper; has the card's sections
-    readme = info.root / entry.path / "README.md"
-    assert readme.is_file(), f"{name}: no README at {readme}"
-    text = readme.read_text()
-    assert entry.paper is not None, f"{name}: the registry names no paper"
-    assert entry.paper.title.lower() in text.lower(), f"{name}: README does not name the paper {entry.paper.title!r}"
-    if entry.paper.arxiv:
-        assert entry.paper.arxiv in text, f"{name}: README does not give arXiv {entry.paper.arxiv}"
-    headings = [h.lower() for h in _headings(text)]
-    for section, pattern in README_SECTIONS.items():
-        assert any(re.search(pattern, h) for h in headings), f"{name}: README lacks a section on {section}"
+## The paper's claim
 
-    # a short run with only this plugin
-    example = cls.example_settings(tmp_path / "example")
-    sets = [f"{name}.{key}={value}" for key, value in example.items()]
-    model = cls.example_model or TINY_API["model"]
-    summary = tricks.run(plugins=[name], set=sets, epochs=1, out=tmp_path / "run", **{**TINY_API, "model": model})
-    assert summary["status"] == "complete"
-    assert math.isfinite(summary["final_val_loss"])
-    assert summary["plugins"] == [name]
+Nothing yet.
+
+## Defaults
+
+The defaults.
+
+## What we measured
+
+Nothing yet.
+"""
+
+NOISE = """
+import torch
+import tricks
+
+
+class NoiseSettings(tricks.Settings):
+    std: float = tricks.Field(0.1, ge=0, description="standard deviation of the noise")
+
+
+class Noise(tricks.Plugin):
+    \"\"\"Add Gaussian noise to the inputs.\"\"\"
+
+    Settings = NoiseSettings
+"""
+
+
+@pytest.fixture
+def install(tmp_path, monkeypatch):
+    """``install(name, body, readme=CARD)``: a third-party plugin ``tricks_NAME.Noise`` (the source
+    ``NOISE`` plus ``body``) installed for this test only: its module and a dist-info folder with
+    the entry point and the README as long description, in a folder put on ``sys.path``."""
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    modules = []
+
+    def install(name: str, body: str, readme: str = CARD) -> str:
+        module = f"tricks_{name}"
+        (site / f"{module}.py").write_text(NOISE + body)
+        info = site / f"tricks_{name}-0.1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: tricks-{name}\nVersion: 0.1.0\n\n"
+                                       + readme.format(name=name))
+        (info / "entry_points.txt").write_text(f"[tricks.plugins]\n{name} = {module}:Noise\n")
+        modules.append(module)
+        return name
+
+    yield install
+    for module in modules:
+        sys.modules.pop(module, None)
+
+
+ON_BATCH = """
+    @tricks.hookimpl
+    def on_batch(self, ctx, batch):
+        batch["input"] = batch["input"] + self.settings.std * torch.randn_like(batch["input"])
+"""
+
+WRAPPER = """
+    @tricks.hookimpl(wrapper=True)
+    def on_batch(self, ctx, batch):
+        batch = yield
+        return batch
+"""
+
+
+def test_a_plugin_class_without_an_entry_point_is_not_installed():
+    class Loose(tricks.Plugin):
+        @tricks.hookimpl
+        def on_batch(self, batch):
+            pass
+
+    with pytest.raises(AssertionError, match=r"plugin 'Loose': installed: no entry point .*Loose"):
+        check_plugin(Loose)
+    with pytest.raises(AssertionError, match=r"plugin 'nowhere': installed: no entry point 'nowhere'"):
+        check_plugin("nowhere")
+
+
+@pytest.mark.parametrize("body, pattern", [
+    ("", r"hooks: the class implements no hook"),
+    (ON_BATCH.replace("(self, ctx, batch)", "(self, ctx, batch, extra)"), r"hooks: .*'extra'"),
+    (WRAPPER, r"hooks: plugin 'hooky' implements 'on_batch' as a wrapper"),
+    (ON_BATCH.replace("def on_batch", "def on_step"), r"hooks: on_step is not a hook of tricks"),
+    (ON_BATCH + "\n    summary = ''\n    __doc__ = None\n", r"description: .*summary"),
+    (ON_BATCH + "\n    provides = 'schedule'\n", r"description: class attribute provides must be a tuple"),
+], ids=["no hook", "unknown argument", "wrapper of a chained hook", "unknown hook", "no summary", "provides"])
+def test_hooks_and_description(install, body, pattern):
+    name = install("hooky", body)
+    with pytest.raises(AssertionError, match="plugin 'hooky': " + pattern):
+        check_plugin(name, resume=False, precisions=())
+
+
+def test_a_setting_without_a_description(install):
+    body = ON_BATCH + "\n\nclass VagueSettings(tricks.Settings):\n    std: float = 0.1\n\n\nNoise.Settings = VagueSettings\n"
+    with pytest.raises(AssertionError, match=r"plugin 'vague': settings: vague\.std has no description"):
+        check_plugin(install("vague", body), resume=False, precisions=())
+
+
+def test_a_readme_without_what_we_measured(install):
+    readme = CARD.replace("What we measured", "Results")
+    with pytest.raises(AssertionError, match=r"plugin 'unmeasured': README: .*what we measured"):
+        check_plugin(install("unmeasured", ON_BATCH, readme), resume=False, precisions=())
+
+
+FAILING = """
+    @tricks.hookimpl
+    def on_batch(self, ctx, batch):
+        raise ValueError("no batch for me")
+"""
+
+
+def test_a_run_that_fails(install):
+    with pytest.raises(AssertionError, match=r"plugin 'broken': 1 epoch in fp32: .*'on_batch'.*no batch for me"):
+        check_plugin(install("broken", FAILING), resume=False, precisions=("fp32",))
+
+
+# Noise that grows with every step: the count of steps must be in the checkpoint.
+COUNTING = """
+    def __init__(self, settings=None):
+        super().__init__(settings)
+        self.steps = 0
+
+    @tricks.hookimpl
+    def on_batch(self, ctx, batch):
+        self.steps += 1
+        batch["input"] = batch["input"] + self.steps / 10 * torch.randn_like(batch["input"])
+"""
+KEPT = """
+    @tricks.hookimpl
+    def state_dict(self, ctx):
+        return {"steps": self.steps}
+
+    @tricks.hookimpl
+    def load_state_dict(self, ctx, state):
+        self.steps = state["steps"]
+"""
+
+
+@pytest.mark.slow
+def test_resume_fails_for_state_left_out_of_the_checkpoint_and_passes_with_it(install):
+    with pytest.raises(AssertionError, match=r"plugin 'forgetful': resume \(fp32\): epoch 2: train_loss is"):
+        check_plugin(install("forgetful", COUNTING), precisions=())
+    check_plugin(install("careful", COUNTING + KEPT), precisions=())
 
 
 def test_the_registry_validates():

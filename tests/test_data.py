@@ -216,6 +216,7 @@ def test_npz_folder_without_shards_or_folder(tmp_path):
     assert "--data-dir" in one_line_error(excinfo)
 
 
+@pytest.mark.slow
 def test_cli_bad_npz_folder_exits_2_with_one_line(tmp_path):
     np.savez(tmp_path / "test.npz", x=X4, y=np.zeros(4, np.int64))
     BAD_TRAIN_SHARDS["x and y lengths differ"][0](tmp_path / "train_0.npz")
@@ -346,6 +347,7 @@ def write_imagefolder(root: Path, classes=("ant", "bee"), n_train=6, n_val=3, se
                 Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
 
 
+@pytest.mark.slow
 def test_imagefolder_trains_end_to_end_via_the_cli(tmp_path):
     tree = tmp_path / "tree"
     write_imagefolder(tree)

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from contextlib import nullcontext
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,9 +15,12 @@ import tricks
 from tricks.builtin import CoreDefaults
 from tricks.data import load_data, make_loaders
 from tricks.models import create_model
+from tricks.testing import make_ctx
 
-from conftest import TINY, TINY_API, read_jsonl
+from conftest import TINY, TINY_API
 from processes import finish, leftovers, one_torch_thread, start
+
+pytestmark = pytest.mark.slow  # every test here trains end to end
 
 STEPS_PER_EPOCH = TINY_API["train_limit"] // TINY_API["batch_size"]
 VAL = TINY_API["val_limit"]
@@ -37,16 +38,16 @@ def events(stdout: str) -> list[dict]:
     return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
 
 
-def evaluate_checkpoint(run_dir) -> dict:
+def evaluate_checkpoint(run: tricks.RunDir) -> dict:
     """The checkpointed model evaluated here, in one process, on the whole validation set: both
     ranks' shards, in the ranks' batches, with the core's evaluation, the sums added up."""
-    cfg = tricks.resolve(recipe=run_dir)
+    cfg = run.run_config()
     device = torch.device("cpu")
     data = load_data(cfg.core)
     model = create_model(cfg.core.model, data.num_classes, data.in_chans)
-    model.load_state_dict(torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["model"])
+    model.load_state_dict(run.load_checkpoint()["model"])
     model.eval()
-    ctx = SimpleNamespace(device=device, autocast=nullcontext)
+    ctx = make_ctx(precision=cfg.core.precision, device=device)
     total: dict[str, float] = {}
     for rank in (0, 1):
         _, val_loader = make_loaders(data, cfg.core, device, rank=rank, world=2)
@@ -58,19 +59,18 @@ def evaluate_checkpoint(run_dir) -> dict:
 
 
 def test_two_processes_train_one_run_and_resume(tmp_path):
-    run = tmp_path / "run"
+    run = tricks.RunDir(tmp_path / "run")
     proc = torchrun("run", "--plugins", "mixup,cosine", "--epochs", "2", "--device", "cpu", *TINY,
-                    "--out", str(run), "--json")
+                    "--out", str(run.path), "--json")
 
     # Only rank 0 reports: one line per epoch, one summary.
     printed = events(proc.stdout)
     assert [e["event"] for e in printed] == ["epoch", "epoch", "summary"]
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["status"] == "complete"
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "curves.png", "metrics.jsonl", "summary.json"]
-    assert leftovers(run) == []
+    assert run.summary()["world_size"] == 2
+    assert sorted(p.name for p in run.path.iterdir()) == ["checkpoints", "config.yaml", "curves.png", "metrics.jsonl", "summary.json"]
+    assert leftovers(run.path) == []
 
-    rows = read_jsonl(run / "metrics.jsonl")
+    rows = run.metrics()
     assert [r["epoch"] for r in rows] == [1, 2]
     # Each rank took half of every global batch of 32, so an epoch is still 256 // 32 steps: had each
     # rank gone through the whole training set, an epoch would be twice as long.
@@ -84,14 +84,14 @@ def test_two_processes_train_one_run_and_resume(tmp_path):
     assert rows[-1]["val_acc"] == alone["val_acc"]
     assert rows[-1]["val_loss"] == pytest.approx(alone["val_loss"], rel=1e-7)
 
-    proc = torchrun("run", "--resume", str(run), "--epochs", "3", "--json")
+    proc = torchrun("run", "--resume", str(run.path), "--epochs", "3", "--json")
     assert [e.get("epoch") for e in events(proc.stdout)] == [3, None]  # epoch 3 only, then the summary
-    resumed = read_jsonl(run / "metrics.jsonl")
+    resumed = run.metrics()
     assert [r["epoch"] for r in resumed] == [1, 2, 3]
     assert resumed[:2] == rows
     assert resumed[2]["step"] == 3 * STEPS_PER_EPOCH
-    summary = json.loads((run / "summary.json").read_text())
+    summary = run.summary()
     assert summary["world_size"] == 2 and summary["epochs"] == 3
-    assert torch.load(run / "checkpoints" / "last.pt", weights_only=False)["epoch"] == 3
+    assert run.load_checkpoint()["epoch"] == 3
     assert resumed[2]["val_acc"] == evaluate_checkpoint(run)["val_acc"]
-    assert leftovers(run) == []
+    assert leftovers(run.path) == []

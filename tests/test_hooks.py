@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import re
-from pathlib import Path
 
 import pytest
 
@@ -233,6 +232,7 @@ def test_model_and_loss_wrappers_apply(tmp_path):
     assert torch.allclose(seen["loss"](out, batch), 2 * torch.log(torch.tensor(10.0)))
 
 
+@pytest.mark.slow
 def test_cli_plugin_error_is_one_line(tmp_path):
     """An exception in a plugin's hook is reported by the CLI as one line naming both."""
     plugin_dir = tmp_path / "pkg"
@@ -289,3 +289,73 @@ def test_a_schedule_wrapper_wraps_the_schedule_in_force(tmp_path):
     # the lr of each epoch's last step (steps 1, 3, 5, 7 of 8): warmup, then cosine over the other 5
     expected = [0.1 * 1 / 3] + [cosine_lr(s - 3, 8 - 3, 0.1) for s in (3, 5, 7)]
     assert lrs == pytest.approx(expected)
+
+
+class WrapsOnBatch(tricks.Plugin):
+    name = "wraps_on_batch"
+
+    @tricks.hookimpl(wrapper=True)
+    def on_batch(self, ctx, batch):
+        return (yield)
+
+
+class WrapsState(tricks.Plugin):
+    name = "wraps_state"
+
+    @tricks.hookimpl(hookwrapper=True)
+    def state_dict(self, ctx):
+        yield
+
+
+@pytest.mark.parametrize("plugin, hook", [(WrapsOnBatch(), "on_batch"), (WrapsState(), "state_dict")])
+def test_a_wrapper_on_a_chained_or_per_plugin_hook_is_refused_at_registration(plugin, hook):
+    from tricks.hooks import Hooks
+
+    with pytest.raises(tricks.TricksError) as error:
+        Hooks([(plugin.name, plugin)])
+    message = str(error.value)
+    assert f"plugin '{plugin.name}'" in message and f"'{hook}' as a wrapper" in message and "drop wrapper=True" in message
+
+
+class BuildsOnlyItsOwn(tricks.Plugin):
+    """A model provider following the rule: its own name, else None."""
+
+    name = "builds_only_its_own"
+
+    @tricks.hookimpl
+    def build_model(self, ctx):
+        if ctx.core.model != "tiny_linear":
+            return None
+        import torch
+
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(ctx.in_chans * ctx.image_size ** 2, ctx.num_classes))
+
+
+def test_a_provider_returns_none_for_other_names_and_the_run_says_who_built(tmp_path):
+    from tricks.hooks import Hooks
+    from tricks.testing import make_ctx
+
+    provider = BuildsOnlyItsOwn()
+    hooks = Hooks([(provider.name, provider)])
+    assert hooks.build_model(make_ctx(model="resnet8")) is None and hooks.model_provider is None
+    assert hooks.build_model(make_ctx(model="tiny_linear")) is not None
+    assert hooks.model_provider == "builds_only_its_own"
+
+
+@pytest.mark.parametrize("plugin, model", [("resnet_tweaks", "timm:resnet18"), ("regnet", "resnet8")])
+def test_a_named_model_plugin_that_builds_nothing_is_refused(tmp_path, plugin, model):
+    with pytest.raises(tricks.TricksError, match=f"plugin '{plugin}' cannot build model '{model}'.*--model"):
+        tricks.run(plugins=[plugin], epochs=1, out=tmp_path / "run", **{**TINY_API, "model": model})
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_every_bundled_model_provider_returns_none_for_a_name_it_does_not_build():
+    from tricks.registry import Catalog
+    from tricks.testing import make_ctx
+
+    catalog = Catalog()
+    providers = [n for n, i in catalog.plugins.items() if i.installed and "model" in (i.meta("provides") or [])]
+    assert providers, "no model provider is installed"
+    for name in providers:
+        cls = catalog.plugins[name].load()
+        assert cls().build_model(make_ctx(model="no_such_model")) is None, name

@@ -126,6 +126,7 @@ def test_pruning_rebuilds_the_optimizer_and_training_goes_on(tmp_path):
     assert rows[-1]["lr"] < rows[1]["lr"]  # the cosine schedule went on after the rebuild
 
 
+@pytest.mark.slow
 def test_a_checkpoint_taken_after_pruning_resumes(tmp_path):
     reference, run = tmp_path / "uninterrupted", tmp_path / "killed"
     killed = start_script(f"""

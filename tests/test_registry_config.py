@@ -146,6 +146,7 @@ def test_sources_later_wins(tmp_path):
         tricks.resolve(recipe=bad)
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line_exit_2(tmp_path):
     cases = [
         (["--plugins", "mixpu"], "did you mean mixup"),
@@ -168,6 +169,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
     one_line_error(result.returncode, result.stderr, "mixup.alpha")
 
 
+@pytest.mark.slow
 def test_config_repeats_the_run(tmp_path):
     first = run_cli("run", "--plugins", "mixup,cosine", "--epochs", "2", "--seed", "5", *TINY,
                     "--set", "mixup.alpha=0.4", "--out", str(tmp_path / "a"), "--quiet")

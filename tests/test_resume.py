@@ -9,12 +9,13 @@ import json
 import shutil
 
 import pytest
-import torch
 
 import tricks
+from tricks import RunDir
 from tricks.errors import TricksError
+from tricks.testing import tiny_run
 
-from conftest import TINY, TINY_API, read_jsonl
+from conftest import TINY, TINY_API
 from processes import (cli_in_process, finish, finish_killed, leftovers, one_line_error,
                        one_torch_thread, snapshot, start_cli, start_script)
 
@@ -37,6 +38,7 @@ def assert_same_rows(got_rows: list[dict], want_rows: list[dict]) -> None:
                 assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-7), (got["epoch"], key)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     reference, run = tmp_path / "uninterrupted", tmp_path / "killed"
     # The uninterrupted CLI run and the run to kill go side by side, one core each.
@@ -50,12 +52,12 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     """))
 
     # Killed as epoch 3 started: epochs 1-2 are in the checkpoint and the metrics, nothing else.
-    checkpoint = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    checkpoint = RunDir(run).load_checkpoint()
     assert checkpoint["epoch"] == 2
     assert checkpoint["step"] == 2 * STEPS_PER_EPOCH
     assert [r["epoch"] for r in checkpoint["history"]] == [1, 2]
-    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]
-    assert not (run / "summary.json").exists()
+    assert [r["epoch"] for r in RunDir(run).metrics()] == [1, 2]
+    assert RunDir(run).summary() is None
     assert leftovers(run) == []
 
     resumed = start_cli("run", "--resume", str(run), "--json")
@@ -66,21 +68,21 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     events = [json.loads(line) for line in done.stdout.splitlines()]
     assert [e["epoch"] for e in events if e["event"] == "epoch"] == [3, 4]  # only the missing epochs ran
 
-    want_rows = read_jsonl(reference / "metrics.jsonl")
+    want_rows = RunDir(reference).metrics()
     assert len(want_rows) == EPOCHS
-    assert_same_rows(read_jsonl(run / "metrics.jsonl"), want_rows)
+    assert_same_rows(RunDir(run).metrics(), want_rows)
     assert want_rows[-1]["step"] == EPOCHS * STEPS_PER_EPOCH
 
-    want = json.loads((reference / "summary.json").read_text())
-    got = json.loads((run / "summary.json").read_text())
-    assert got["status"] == "complete" and got["epochs"] == EPOCHS
+    want, got = RunDir(reference).summary(), RunDir(run).summary()
+    assert got["epochs"] == EPOCHS
     for key in ("final_val_acc", "best_val_acc", "best_epoch", "params", "seed", "plugins"):
         assert got[key] == want[key], key
     assert got["final_val_loss"] == pytest.approx(want["final_val_loss"], rel=1e-6)
-    assert torch.load(run / "checkpoints" / "last.pt", weights_only=False)["epoch"] == EPOCHS
+    assert RunDir(run).load_checkpoint()["epoch"] == EPOCHS
     assert leftovers(run) == []
 
 
+@pytest.mark.slow
 def test_a_run_killed_while_writing_its_checkpoint_resumes(tmp_path):
     run = tmp_path / "run"
     finish_killed(start_script(f"""
@@ -90,14 +92,14 @@ def test_a_run_killed_while_writing_its_checkpoint_resumes(tmp_path):
                    **{TINY_API!r})
     """))
     # The write of epoch 2's checkpoint never reached its rename: epoch 1's is intact beside the temporary file.
-    assert torch.load(run / "checkpoints" / "last.pt", weights_only=False)["epoch"] == 1
-    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1]
+    assert RunDir(run).load_checkpoint()["epoch"] == 1
+    assert [r["epoch"] for r in RunDir(run).metrics()] == [1]
     stale = leftovers(run)
     assert len(stale) == 1 and stale[0].startswith("checkpoints/.last.pt."), stale
 
     with one_torch_thread():
         tricks.run(resume=run)
-    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]
+    assert [r["epoch"] for r in RunDir(run).metrics()] == [1, 2]
     assert leftovers(run) == []  # the resumed run removed what the killed one left
 
 
@@ -106,7 +108,7 @@ def finished(tmp_path_factory):
     """A finished one-epoch run."""
     out = tmp_path_factory.mktemp("finished") / "run"
     with one_torch_thread():
-        tricks.run(epochs=1, device="cpu", out=out, **TINY_API)
+        tiny_run(out=out)
     return out
 
 
@@ -124,7 +126,7 @@ def test_a_finished_run_resumes_for_more_epochs(finished, tmp_path):
     with one_torch_thread():
         summary = tricks.run(resume=run, epochs=2)
     assert summary["epochs"] == 2
-    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]
+    assert [r["epoch"] for r in RunDir(run).metrics()] == [1, 2]
 
 
 def test_resuming_a_folder_without_a_run_is_an_error(tmp_path):
@@ -143,4 +145,4 @@ def test_a_new_run_into_an_existing_run_dir_is_an_error(finished):
     one_line_error(code, err, "already holds a run", "--resume")
     assert snapshot(finished) == before
     with pytest.raises(TricksError, match="already holds a run"):
-        tricks.run(epochs=1, out=finished, **TINY_API)
+        tiny_run(out=finished)

@@ -3,21 +3,14 @@ schedule the framework applies in a run (every parameter group, every step)."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 
 import tricks
+from tricks.testing import make_ctx, tiny_run
 from tricks_cosine import Cosine, CosineSettings, cosine_lr
-
-# A run that finishes in seconds on 2 CPU cores: 256 digits, batches of 32 -> 8 steps an epoch.
-TINY = dict(model="resnet8", batch_size=32, train_limit=256, val_limit=128)
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @pytest.mark.parametrize("base, final", [(0.1, 0.0), (0.4, 0.001), (1.0, 0.5)])
@@ -63,7 +56,7 @@ def test_equals_torch_cosine_annealing_at_every_step(total, final):
 
 
 def test_the_plugin_provides_the_schedule_with_its_final_rate():
-    schedule = Cosine(CosineSettings(final_lr=0.01)).configure_schedule(ctx=None, optimizer=None)
+    schedule = Cosine(CosineSettings(final_lr=0.01)).configure_schedule(ctx=make_ctx(plugins=["cosine"]), optimizer=None)
     for t in range(21):
         assert schedule(t, 20, 0.2) == cosine_lr(t, 20, 0.2, 0.01)
 
@@ -97,7 +90,7 @@ class _TwoGroups(tricks.Plugin):
     @tricks.hookimpl
     def configure_optimizer(self, ctx, model):
         params = list(model.parameters())
-        lr = ctx.config.lr
+        lr = ctx.core.lr
         self.bases = [lr, lr / 5]
         groups = [{"params": params[:-1], "lr": self.bases[0]}, {"params": params[-1:], "lr": self.bases[1]}]
         return torch.optim.SGD(groups, lr=lr, momentum=0.9)
@@ -110,12 +103,10 @@ class _TwoGroups(tricks.Plugin):
 def test_a_run_decays_every_group_per_step_and_logs_the_rate(tmp_path):
     groups = _TwoGroups()
     epochs, lr, final = 3, 0.05, 0.004
-    summary = tricks.run(plugins=["cosine", groups], epochs=epochs, lr=lr, out=tmp_path / "run",
-                         set=[f"cosine.final_lr={final}"], **TINY)
-    assert summary["plugins"] == ["cosine"] and math.isfinite(summary["final_val_loss"])
-    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    run = tiny_run(plugins=["cosine", groups], epochs=epochs, lr=lr, set=[f"cosine.final_lr={final}"], out=tmp_path / "run")
+    rows = run.metrics()
     assert len(rows) == epochs
-    steps_per_epoch = 256 // 32
+    steps_per_epoch = 256 // 32  # tiny_run: 256 digits in batches of 32
     total = epochs * steps_per_epoch
     for epoch, row in enumerate(rows):
         last_step = (epoch + 1) * steps_per_epoch - 1  # the rate of the epoch's last update

@@ -6,15 +6,15 @@ batch) and timm's ``Mixup`` in CutMix mode (same box and pairing)."""
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import tricks
+from tricks.mixing import mixup, partner, sample_lambda
+from tricks.testing import BatchWatcher, make_ctx, tiny_run
 from tricks_cutmix import CutMix, CutMixSettings, box_at, box_lambda, cutmix, sample_box
-from tricks_mixup import mixup, partner, sample_lambda
 
 K = 10  # classes
 B = 16  # batch size (even: timm needs it)
@@ -33,8 +33,7 @@ def distinct_batch(b: int = B, h: int = 12, w: int = 10):
     return torch.arange(b * 3 * h * w, dtype=torch.float32).view(b, 3, h, w)
 
 
-def ctx(num_classes: int = K):
-    return SimpleNamespace(num_classes=num_classes)
+CTX = make_ctx(num_classes=K)  # the run context on_batch reads (its classes); made once, the tests call on_batch often
 
 
 def plugin(**settings) -> CutMix:
@@ -221,7 +220,7 @@ def test_on_batch_uses_the_sampled_box_and_pairing(pairing):
     box = sample_box(12, 12, lam)
     expected = cutmix(x, y, box, partner(B, pairing, x.device), K)
     torch.manual_seed(11)
-    out = plugin(pairing=pairing).on_batch(ctx(), {"input": x.clone(), "target": y.clone()})
+    out = plugin(pairing=pairing).on_batch(CTX, {"input": x.clone(), "target": y.clone()})
     assert torch.equal(out["input"], expected[0])
     assert torch.equal(out["target"], expected[1])
 
@@ -233,7 +232,7 @@ def test_on_batch_with_the_unclipped_lambda():
     box = sample_box(12, 12, lam)
     perm = partner(B, "permutation", x.device)
     torch.manual_seed(12)
-    out = plugin(correct_lam=False).on_batch(ctx(), {"input": x.clone(), "target": y.clone()})
+    out = plugin(correct_lam=False).on_batch(CTX, {"input": x.clone(), "target": y.clone()})
     torch.testing.assert_close(out["target"], lam * F.one_hot(y, K).float() + (1 - lam) * F.one_hot(y[perm], K).float())
     assert torch.equal(out["input"], cutmix(x, y, box, perm, K)[0])
 
@@ -248,7 +247,7 @@ def test_on_batch_equals_torchvision_cutmix_with_roll_pairing(seed):
     torch.manual_seed(100 + seed)
     their_x, their_y = theirs(x.clone(), y.clone())
     torch.manual_seed(100 + seed)
-    out = plugin(pairing="roll").on_batch(ctx(), {"input": x.clone(), "target": y.clone()})
+    out = plugin(pairing="roll").on_batch(CTX, {"input": x.clone(), "target": y.clone()})
     assert torch.equal(out["input"], their_x.as_subclass(torch.Tensor))
     torch.testing.assert_close(out["target"], their_y)
 
@@ -276,10 +275,10 @@ def test_equals_timm_cutmix_given_the_same_box_and_reverse_pairing(seed, smoothi
 
 def test_prob_zero_never_mixes_and_prob_mixes_that_fraction():
     x, y = make_batch(10)
-    assert all(plugin(prob=0.0).on_batch(ctx(), {"input": x, "target": y}) is None for _ in range(50))
+    assert all(plugin(prob=0.0).on_batch(CTX, {"input": x, "target": y}) is None for _ in range(50))
     p = plugin(prob=0.5)
     n = 400
-    mixed = sum(p.on_batch(ctx(), {"input": x.clone(), "target": y}) is not None for _ in range(n))
+    mixed = sum(p.on_batch(CTX, {"input": x.clone(), "target": y}) is not None for _ in range(n))
     assert abs(mixed / n - 0.5) < 5 * math.sqrt(0.25 / n)  # 5 binomial sd
 
 
@@ -290,7 +289,7 @@ def test_switch_prob_one_is_mixup_with_mixup_alpha():
     lam = sample_lambda(0.4)
     expected = mixup(x, y, lam, partner(B, "permutation", x.device), K)
     torch.manual_seed(13)
-    out = plugin(switch_prob=1.0, mixup_alpha=0.4).on_batch(ctx(), {"input": x.clone(), "target": y.clone()})
+    out = plugin(switch_prob=1.0, mixup_alpha=0.4).on_batch(CTX, {"input": x.clone(), "target": y.clone()})
     assert torch.equal(out["input"], expected[0]) and torch.equal(out["target"], expected[1])
 
 
@@ -301,7 +300,7 @@ def test_switch_prob_switches_that_fraction_of_batches():
     p = plugin(switch_prob=0.3, mixup_alpha=1.0, pairing="reverse")
     n, switched = 300, 0
     for _ in range(n):
-        out = p.on_batch(ctx(), {"input": x.clone(), "target": y})
+        out = p.on_batch(CTX, {"input": x.clone(), "target": y})
         kept = (out["input"] == x) | (out["input"] == x.flip(0))
         switched += not kept.all().item()
     assert abs(switched / n - 0.3) < 5 * math.sqrt(0.21 / n)
@@ -319,7 +318,7 @@ def _devices():
 @pytest.mark.parametrize("switch_prob", [0.0, 1.0])
 def test_on_batch_keeps_device_dtype_and_shape(device, dtype, switch_prob):
     x, y = make_batch(13, dtype=dtype)
-    out = plugin(switch_prob=switch_prob).on_batch(ctx(), {"input": x.to(device), "target": y.to(device)})
+    out = plugin(switch_prob=switch_prob).on_batch(CTX, {"input": x.to(device), "target": y.to(device)})
     assert out["input"].device.type == device.type and out["input"].dtype == dtype and out["input"].shape == x.shape
     assert out["target"].device.type == device.type and out["target"].shape == (B, K)
 
@@ -328,16 +327,16 @@ def test_channels_last_input_stays_channels_last():
     x, y = make_batch(14)
     x = x.contiguous(memory_format=torch.channels_last)
     torch.manual_seed(3)
-    out = plugin().on_batch(ctx(), {"input": x.clone(memory_format=torch.channels_last), "target": y})
+    out = plugin().on_batch(CTX, {"input": x.clone(memory_format=torch.channels_last), "target": y})
     assert out["input"].is_contiguous(memory_format=torch.channels_last)
     torch.manual_seed(3)
-    ref = plugin().on_batch(ctx(), {"input": x.contiguous(), "target": y})
+    ref = plugin().on_batch(CTX, {"input": x.contiguous(), "target": y})
     assert torch.equal(out["input"], ref["input"])
 
 
 def test_a_batch_that_is_not_images_is_a_one_line_error():
     with pytest.raises(tricks.TricksError, match="cutmix needs image batches"):
-        plugin().on_batch(ctx(), {"input": torch.randn(B, 20), "target": torch.zeros(B, dtype=torch.long)})
+        plugin().on_batch(CTX, {"input": torch.randn(B, 20), "target": torch.zeros(B, dtype=torch.long)})
 
 
 def test_settings_errors_name_the_key_and_mixup_conflicts():
@@ -356,27 +355,15 @@ def test_settings_errors_name_the_key_and_mixup_conflicts():
 # --- in a run -------------------------------------------------------------------------------
 
 
-class _Watch(tricks.Plugin):
-    """An ad-hoc plugin registered after cutmix: sees every batch it hands on."""
-
-    def __init__(self):
-        super().__init__()
-        self.batches = []
-
-    @tricks.hookimpl
-    def on_batch(self, ctx, batch):
-        self.batches.append((batch["input"].clone(), batch["target"]))
-
-
 def test_a_run_trains_on_cut_and_mixed_batches(tmp_path):
-    watch = _Watch()
-    summary = tricks.run(plugins=["cutmix", watch], epochs=1, out=tmp_path / "run", model="resnet8",
-                         batch_size=32, train_limit=128, val_limit=64)
-    assert summary["status"] == "complete" and math.isfinite(summary["final_val_loss"])
-    assert summary["plugins"] == ["cutmix"]
-    assert len(watch.batches) == 4
-    for x, t in watch.batches:
+    watch = BatchWatcher()
+    run = tiny_run(plugins=["cutmix", watch], train_limit=128, val_limit=64, out=tmp_path / "run")
+    assert run.config()["plugins"] == ["cutmix"]
+    [row] = run.metrics()
+    assert math.isfinite(row["train_loss"]) and math.isfinite(row["val_loss"])
+    assert len(watch.batches) == 4  # 128 digits in batches of 32
+    for x, t in zip(watch.inputs, watch.targets):
         assert x.shape == (32, 1, 8, 8)  # digits
         assert t.shape == (32, K) and t.is_floating_point()
         torch.testing.assert_close(t.sum(1), torch.ones(32))
-    assert any((t.max(1).values < 1).any() for _, t in watch.batches)  # some rows genuinely mixed
+    assert any((t.max(1).values < 1).any() for t in watch.targets)  # some rows genuinely mixed

@@ -6,18 +6,18 @@ partner image replaces the same box of each image, and the labels are mixed by a
 uniform over the pixels, its sides are ``int(H * sqrt(1 - lam))`` and ``int(W * sqrt(1 - lam))``,
 its corners ``centre -/+ side // 2`` clipped at the border, and ``lam`` is recomputed from the
 clipped box, ``1 - area / (H * W)``. The functions below are the math, usable without the
-framework; :class:`CutMix` wires them to ``on_batch``, with an optional switch to mixup.
+framework (the partners, soft targets, ``lam`` and mixup itself come from the core's
+:mod:`tricks.mixing`); :class:`CutMix` wires them to ``on_batch``, with an optional switch to mixup.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 
 import tricks
-from tricks_mixup import mixup, partner, sample_lambda, soft_targets
+from tricks.mixing import Pairing, mixup, partner, sample_lambda, soft_targets
 
 __version__ = "0.1.0"
 
@@ -79,7 +79,7 @@ class CutMixSettings(tricks.Settings):
         "probability of mixing a batch; the paper uses 0.5 on CIFAR and 1.0 on ImageNet"))
     correct_lam: bool = tricks.Field(True, description=(
         "weigh the labels by the clipped box's area (paper's code, timm, torchvision); false keeps the sampled lam"))
-    pairing: Literal["permutation", "reverse", "roll"] = tricks.Field(
+    pairing: Pairing = tricks.Field(
         "permutation", description="how partners are chosen: permutation (paper), reverse (timm), roll (torchvision)")
     switch_prob: float = tricks.Field(0.0, ge=0, le=1, description=(
         "probability that a mixed batch uses mixup instead of CutMix (timm's switch_prob); 0 = never"))

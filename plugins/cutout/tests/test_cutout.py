@@ -5,12 +5,12 @@ distribution of the holes, the plugin's wiring to ``on_batch`` and its settings,
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 import tricks
+from tricks.testing import BatchWatcher, make_ctx, tiny_run
 from tricks_cutout import Cutout, CutoutSettings, apply_mask, cutout, cutout_mask, sample_centres
 
 B = 16
@@ -38,10 +38,6 @@ def reference(x: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor, length: int) 
             mask[y1:y2, x1:x2] = 0.0
         out[i] = x[i] * mask
     return out
-
-
-def ctx(messages=None):
-    return SimpleNamespace(log=(messages.append if messages is not None else (lambda m: None)))
 
 
 def plugin(**settings) -> Cutout:
@@ -161,7 +157,7 @@ def test_on_batch_equals_the_functions_and_changes_the_batch_in_place():
     expected = reference(x, cy, cx, 5)
     torch.manual_seed(7)
     batch = {"input": x.clone(), "target": y}
-    out = plugin(length=5, n_holes=2).on_batch(ctx(), batch)
+    out = plugin(length=5, n_holes=2).on_batch(make_ctx(), batch)
     assert out is batch and torch.equal(out["input"], expected) and out["target"] is y
 
 
@@ -173,30 +169,30 @@ def test_on_batch_with_prob_cuts_the_chosen_images_only():
     assert 0 < chosen.sum() < B
     expected = torch.where(chosen.view(-1, 1, 1, 1), reference(x, cy, cx, 6), x)
     torch.manual_seed(8)
-    out = plugin(length=6, prob=0.5).on_batch(ctx(), {"input": x.clone(), "target": y})
+    out = plugin(length=6, prob=0.5).on_batch(make_ctx(), {"input": x.clone(), "target": y})
     assert torch.equal(out["input"], expected)
 
 
 def test_prob_zero_is_the_identity_and_prob_cuts_that_fraction_of_images():
     x, y = make_batch(8)
-    assert plugin(prob=0.0).on_batch(ctx(), {"input": x, "target": y}) is None
+    assert plugin(prob=0.0).on_batch(make_ctx(), {"input": x, "target": y}) is None
     n = 2000
     xs, _ = make_batch(9, b=n, h=8, w=8)
-    out = plugin(prob=0.3, length=4).on_batch(ctx(), {"input": xs, "target": torch.zeros(n, dtype=torch.long)})
+    out = plugin(prob=0.3, length=4).on_batch(make_ctx(), {"input": xs, "target": torch.zeros(n, dtype=torch.long)})
     cut = (out["input"] == 0).flatten(1).any(1).double().mean().item()
     assert abs(cut - 0.3) < 5 * math.sqrt(0.21 / n)  # a hole of side 4 always covers some pixel
 
 
 def test_a_length_that_erases_everything_is_logged_once():
-    messages = []
+    ctx = make_ctx()
     p = plugin()  # length 16 on 8x8 digits
     x, y = make_batch(10, h=8, w=8, c=1)
     for _ in range(3):
-        p.on_batch(ctx(messages), {"input": x.clone(), "target": y})
-    assert len(messages) == 1 and "cutout.length=4" in messages[0]
-    messages.clear()
-    plugin(length=4).on_batch(ctx(messages), {"input": x.clone(), "target": y})
-    assert messages == []
+        p.on_batch(ctx, {"input": x.clone(), "target": y})
+    assert len(ctx.logs) == 1 and "cutout.length=4" in ctx.logs[0]
+    ctx = make_ctx()
+    plugin(length=4).on_batch(ctx, {"input": x.clone(), "target": y})
+    assert ctx.logs == []
 
 
 def _devices():
@@ -211,14 +207,14 @@ def _devices():
 def test_on_batch_keeps_device_dtype_shape_and_memory_format(device, dtype):
     x, y = make_batch(11, dtype=dtype)
     x = x.to(device).contiguous(memory_format=torch.channels_last)
-    out = plugin(length=4, prob=0.5).on_batch(ctx(), {"input": x, "target": y.to(device)})
+    out = plugin(length=4, prob=0.5).on_batch(make_ctx(), {"input": x, "target": y.to(device)})
     assert out["input"].device.type == device.type and out["input"].dtype == dtype and out["input"].shape == x.shape
     assert out["input"].is_contiguous(memory_format=torch.channels_last)
 
 
 def test_a_batch_that_is_not_images_is_a_one_line_error():
     with pytest.raises(tricks.TricksError, match="cutout needs image batches"):
-        plugin().on_batch(ctx(), {"input": torch.randn(B, 20), "target": torch.zeros(B, dtype=torch.long)})
+        plugin().on_batch(make_ctx(), {"input": torch.randn(B, 20), "target": torch.zeros(B, dtype=torch.long)})
 
 
 def test_settings_errors_name_the_key_and_cutout_runs_before_the_mixers():
@@ -236,23 +232,10 @@ def test_settings_errors_name_the_key_and_cutout_runs_before_the_mixers():
 # --- in a run -------------------------------------------------------------------------------
 
 
-class _Watch(tricks.Plugin):
-    def __init__(self):
-        super().__init__()
-        self.inputs = []
-
-    @tricks.hookimpl
-    def on_batch(self, ctx, batch):
-        self.inputs.append(batch["input"].clone())
-
-
 def test_a_run_trains_on_cut_images(tmp_path):
-    watch = _Watch()
-    summary = tricks.run(plugins=["cutout", watch], epochs=1, out=tmp_path / "run", model="resnet8",
-                         batch_size=32, train_limit=128, val_limit=64, set=["cutout.length=4"])
-    assert summary["status"] == "complete" and math.isfinite(summary["final_val_loss"])
-    assert summary["plugins"] == ["cutout"]
-    assert len(watch.inputs) == 4
+    watch = BatchWatcher()
+    tiny_run(plugins=["cutout", watch], set=["cutout.length=4"], train_limit=128, val_limit=64, out=tmp_path / "run")
+    assert len(watch.inputs) == 4  # 128 digits in batches of 32
     for x in watch.inputs:
         zero = (x == 0).flatten(1).sum(1)
         assert ((zero >= 1) & (zero <= 16)).all()  # every image has a hole of at most 4 x 4 (digits: 1 channel)

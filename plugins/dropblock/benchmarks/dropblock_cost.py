@@ -1,13 +1,14 @@
 """What DropBlock adds to a training step.
 
-    python plugins/dropblock/benchmarks/dropblock_cost.py [--device cpu|cuda] [--repeats 20]
+    python plugins/dropblock/benchmarks/dropblock_cost.py [--device cpu|cuda] [--repeats 20] [--quick]
 
 Prints (1) the median time of one DropBlock layer (forward) on the feature maps of the last two
 stages of ResNet-50 at 224x224 and of a CIFAR ResNet at 32x32, next to the time of an
 elementwise product of the same tensors (the least any mask costs); (2) the median time of a
 training step (forward, backward, SGD step) of a CIFAR-shaped ResNet with and without the
 plugin's default insertion (last two stages, branch and shortcut), with every keep_prob at 0.9.
-On CUDA the device is synchronized around every call.
+On CUDA the device is synchronized around every call. ``--quick`` uses batch 2 everywhere, to
+check in seconds that the script runs (its timings mean nothing).
 """
 
 from __future__ import annotations
@@ -52,13 +53,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--quick", action="store_true", help="batch 2 everywhere: checks that the script runs (timings mean nothing)")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}"
+          + (", --quick: batch 2 everywhere, not the batches named below" if args.quick else ""))
     print("one layer, forward (block_size 7, keep_prob 0.9) vs x * mask:")
     for name, (b, c, side) in MAPS.items():
-        x = torch.randn(b, c, side, side, device=device)
+        x = torch.randn(2 if args.quick else b, c, side, side, device=device)
         mask = torch.ones_like(x)
         t_drop = median_seconds(lambda: drop_block(x, 0.9, 7), args.repeats)
         t_mul = median_seconds(lambda: x * mask, args.repeats)
@@ -66,8 +69,9 @@ def main() -> None:
 
     from tricks.models import create_model
 
-    x = torch.randn(128, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (128,), device=device)
+    batch = 2 if args.quick else 128
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
     torch.manual_seed(0)
     plain = create_model(args.model, 10, 3).to(device).train()
     torch.manual_seed(0)
@@ -79,7 +83,7 @@ def main() -> None:
     t_plain = step_time(plain, x, y, args.repeats)
     t_drop = step_time(dropped, x, y, args.repeats)
     n = len(dropblock_layers(dropped))
-    print(f"training step, {args.model}, batch 128x3x32x32: plain {1e3 * t_plain:.1f} ms, "
+    print(f"training step, {args.model}, batch {batch}x3x32x32: plain {1e3 * t_plain:.1f} ms, "
           f"with {n} DropBlock layers {1e3 * t_drop:.1f} ms (+{100 * (t_drop / t_plain - 1):.0f}%)")
 
 

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import copy
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
 import tricks
+from tricks.blocks import BlockFamily, BlockSites, register_block_family, unregister_block_family
+from tricks.testing import BatchWatcher, call_wrapper, make_ctx, tiny_run
 from tricks_dropblock import (DropBlock, DropBlock2d, DropBlockSettings, block_sites, dropblock_layers,
-                              insert_dropblock, linear_keep_prob, register_block, residual_blocks)
+                              insert_dropblock, linear_keep_prob, residual_blocks)
 
 
 def core_model(name, num_classes=10, in_chans=3):
@@ -185,17 +186,15 @@ class _Block(nn.Module):
 
 
 def test_other_plugins_can_register_a_block():
-    from tricks_dropblock.surgery import _BLOCKS, BlockSites
-
     model = nn.Module()
     model.stages = nn.Sequential(nn.Sequential(_Block(4), _Block(4)), nn.Sequential(_Block(4)))
     assert residual_blocks(model) == []
-    register_block(_Block, lambda b: BlockSites(b.body, "skip"))
+    register_block_family(BlockFamily("test block", (_Block,), sites=lambda b: BlockSites(b.body, "skip")))
     try:
         done = insert_dropblock(model)
         assert len(done.layers) == 6 and done.stages == [(1, 2, 0.25), (2, 1, 1.0)]
     finally:
-        del _BLOCKS[_Block]
+        unregister_block_family("test block")
 
 
 def test_digits_sized_maps_clip_the_block_to_the_map():
@@ -214,19 +213,14 @@ def test_digits_sized_maps_clip_the_block_to_the_map():
 
 
 def _ctx(step=0, total=100, model=None):
-    logs = []
-    return SimpleNamespace(step=step, total_steps=total, model=model, log=logs.append, logs=logs)
+    """A one-epoch run of ``total`` steps at ``step``."""
+    return make_ctx(step=step, steps_per_epoch=total, epochs=1, model=model)
 
 
 def test_on_batch_applies_the_linear_schedule_with_the_stage_scaling():
     plugin = DropBlock(DropBlockSettings(keep_prob=0.8))
-    gen = plugin.build_model(_ctx())
-    next(gen)
     model = core_model("resnet20")
-    try:
-        gen.send(model)
-    except StopIteration as stop:
-        assert stop.value is model
+    assert call_wrapper(plugin.build_model(_ctx()), model) is model
     last = [layer for layer in plugin._layers if layer.rate_scale == 1.0]
     before = [layer for layer in plugin._layers if layer.rate_scale == 0.25]
     assert len(last) == len(before) == 6
@@ -259,12 +253,16 @@ def test_settings_errors_name_the_key():
     assert cfg.settings["dropblock"].stages == [3, 4] and cfg.settings["dropblock"].block_size == 5
 
 
-class _Watch(tricks.Plugin):
-    """Registered after dropblock: records the keep_prob of the last stage's layers at every step."""
+class _Watch(BatchWatcher):
+    """Runs after dropblock: the model, its DropBlock layers and last BN gammas when training starts,
+    and in ``batches`` the keep_prob of the last stage's layers at every step."""
 
     def __init__(self):
-        super().__init__()
-        self.keep, self.layers, self.model, self.last_gammas = [], None, None, None
+        super().__init__(record=self.last_stage_keep_prob)
+        self.layers, self.model, self.last_gammas = None, None, None
+
+    def last_stage_keep_prob(self, batch):
+        return max(l.keep_prob for l in self.layers if l.rate_scale == 1.0) if self.layers else None
 
     @tricks.hookimpl
     def on_fit_start(self, ctx):
@@ -272,37 +270,34 @@ class _Watch(tricks.Plugin):
         self.layers = dropblock_layers(ctx.model)
         self.last_gammas = [b.bn2.weight.detach().clone() for stage in ctx.model.stages for b in stage]
 
-    @tricks.hookimpl
-    def on_batch(self, ctx):
-        self.keep.append(max(l.keep_prob for l in self.layers if l.rate_scale == 1.0) if self.layers else None)
 
-
-TINY = dict(epochs=1, model="resnet8", batch_size=32, train_limit=256, val_limit=128)
+def finite_losses(run):
+    return all(math.isfinite(row["train_loss"]) and math.isfinite(row["val_loss"]) for row in run.metrics())
 
 
 def test_a_run_inserts_the_layers_and_ramps_keep_prob(tmp_path):
     watch = _Watch()
-    summary = tricks.run(plugins=["dropblock", watch], out=tmp_path / "run", set=["dropblock.keep_prob=0.8"], **TINY)
-    assert summary["status"] == "complete" and math.isfinite(summary["final_val_loss"])
+    run = tiny_run(plugins=["dropblock", watch], out=tmp_path / "run", set=["dropblock.keep_prob=0.8"])
+    assert finite_losses(run)
     assert len(watch.layers) == 4  # resnet8: one block in each of the last two stages
-    assert len(watch.keep) == 8  # 256 / 32 steps
-    assert watch.keep[0] == 1.0 and watch.keep[-1] == pytest.approx(0.8)
-    assert watch.keep == pytest.approx([linear_keep_prob(s, 8, 0.8) for s in range(8)])
+    assert len(watch.batches) == 8  # 256 / 32 steps
+    assert watch.batches[0] == 1.0 and watch.batches[-1] == pytest.approx(0.8)
+    assert watch.batches == pytest.approx([linear_keep_prob(s, 8, 0.8) for s in range(8)])
 
 
 @pytest.mark.parametrize("precision, channels_last", [("bf16", False), ("fp32", True), ("fp16", True)])
 def test_a_run_in_low_precision_and_channels_last(tmp_path, precision, channels_last):
-    summary = tricks.run(plugins=["dropblock"], out=tmp_path / "run", precision=precision,
-                         channels_last=channels_last, set=["dropblock.keep_prob=0.7", "dropblock.inner=true"], **TINY)
-    assert summary["status"] == "complete" and math.isfinite(summary["final_val_loss"])
+    run = tiny_run(plugins=["dropblock"], out=tmp_path / "run", precision=precision, channels_last=channels_last,
+                   set=["dropblock.keep_prob=0.7", "dropblock.inner=true"])
+    assert len(run.metrics()) == 1 and finite_losses(run)
 
 
 def test_a_resumed_run_continues_the_schedule(tmp_path):
-    tricks.run(plugins=["dropblock"], out=tmp_path / "run", **TINY)
+    run = tiny_run(plugins=["dropblock"], out=tmp_path / "run")
     watch = _Watch()
-    summary = tricks.run(plugins=["dropblock", watch], resume=tmp_path / "run", epochs=2)
-    assert summary["status"] == "complete"
-    assert watch.keep == pytest.approx([linear_keep_prob(s, 16, 0.9) for s in range(8, 16)])
+    tricks.run(plugins=["dropblock", watch], resume=run.path, epochs=2)
+    assert [row["epoch"] for row in run.metrics()] == [1, 2]
+    assert watch.batches == pytest.approx([linear_keep_prob(s, 16, 0.9) for s in range(8, 16)])
 
 
 def test_a_model_without_stages_is_an_error_naming_it(tmp_path):
@@ -313,9 +308,9 @@ def test_a_model_without_stages_is_an_error_naming_it(tmp_path):
                                  nn.Linear(4, ctx.num_classes))
 
     with pytest.raises(tricks.TricksError, match=r"dropblock: cannot find the stages of Sequential"):
-        tricks.run(plugins=["dropblock", Plain()], out=tmp_path / "run", **TINY)
+        tiny_run(plugins=["dropblock", Plain()], out=tmp_path / "run")
     with pytest.raises(tricks.TricksError, match=r"dropblock: ResNet has 3 stages; stage 4"):
-        tricks.run(plugins=["dropblock"], out=tmp_path / "run2", set=["dropblock.stages=[4]"], **TINY)
+        tiny_run(plugins=["dropblock"], out=tmp_path / "run2", set=["dropblock.stages=[4]"])
 
 
 # --- composition with resnet_tweaks and zero_gamma --------------------------------------------------
@@ -326,9 +321,9 @@ def test_the_three_model_plugins_compose(tmp_path, order):
     from tricks_resnet_tweaks import TweakedResNet
 
     watch = _Watch()
-    summary = tricks.run(plugins=[*order, watch], out=tmp_path / "run", **{**TINY, "model": "resnet20"})
-    assert summary["status"] == "complete" and math.isfinite(summary["final_val_loss"])
-    assert summary["plugins"] == order
+    run = tiny_run(plugins=[*order, watch], out=tmp_path / "run", model="resnet20")
+    assert finite_losses(run)
+    assert run.config()["plugins"] == order
     model = watch.model
     assert isinstance(model, TweakedResNet) and model.variant == "D"
     assert len(watch.layers) == 12  # resnet20: 3 + 3 blocks in the last two stages, 2 layers each
@@ -337,7 +332,7 @@ def test_the_three_model_plugins_compose(tmp_path, order):
 
     assert len(find_residual_blocks(model)) == 9
     assert len(watch.last_gammas) == 9 and not any(g.any() for g in watch.last_gammas)
-    assert watch.keep[0] == 1.0 and watch.keep[-1] == pytest.approx(0.9)
+    assert watch.batches[0] == 1.0 and watch.batches[-1] == pytest.approx(0.9)
 
 
 def test_a_model_with_dropblock_pickles_with_its_hooks(tmp_path):

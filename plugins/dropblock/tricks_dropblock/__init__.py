@@ -2,7 +2,8 @@
 NeurIPS 2018, arXiv 1810.12890).
 
 ``functional`` holds the math (seed probability, block masks, the schedule) as plain functions;
-``surgery`` the :class:`DropBlock2d` layer and its insertion into residual networks;
+``surgery`` the :class:`DropBlock2d` layer and its insertion into residual networks, whose blocks
+and stages the core's :mod:`tricks.blocks` finds;
 :class:`DropBlock` wires them to a run: it inserts the layers when the model is built and sets
 their keep probability before every step, falling linearly from 1 to ``keep_prob``.
 """
@@ -14,19 +15,18 @@ from typing import Literal
 from pydantic import field_validator
 
 import tricks
+from tricks.blocks import BlockSites, block_sites, find_stages, register_stage_finder
 
 from .functional import (apply_block_mask, clip_block_size, drop_block, dropblock_gamma, expand_seeds,
                          expected_drop_fraction, linear_keep_prob, sample_seeds, stage_keep_prob)
-from .surgery import (BlockSites, DropBlock2d, Insertion, SurgeryError, block_sites, dropblock_layers,
-                      find_stages, insert_dropblock, register_block, register_rule, register_stage_finder,
-                      residual_blocks)
+from .surgery import DropBlock2d, Insertion, SurgeryError, dropblock_layers, insert_dropblock, residual_blocks
 
 __version__ = "0.1.0"
 __all__ = [
     "drop_block", "dropblock_gamma", "clip_block_size", "expand_seeds", "sample_seeds", "apply_block_mask",
     "expected_drop_fraction", "linear_keep_prob", "stage_keep_prob", "DropBlock2d", "BlockSites", "Insertion",
     "SurgeryError", "insert_dropblock", "dropblock_layers", "find_stages", "block_sites", "residual_blocks",
-    "register_block", "register_rule", "register_stage_finder", "DropBlock", "DropBlockSettings",
+    "register_stage_finder", "DropBlock", "DropBlockSettings",
 ]
 
 

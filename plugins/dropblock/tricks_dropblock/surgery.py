@@ -8,27 +8,22 @@ also after the branch's inner BN layers. Each layer is a child module of its blo
 on the output of the module it follows through a forward hook, or is the shortcut itself where
 the shortcut was the identity.
 
-What a residual block is, and where its sites are, is a small rule set:
-
-1. a handler registered for the block's class (or a base class), by :func:`register_block`:
-   timm's RegNet bottleneck;
-2. the ResNet structure: ``conv1, bn1, conv2, bn2`` (+ ``conv3, bn3``) and a ``shortcut`` or
-   ``downsample`` attribute (``None`` is the identity) - the project's ResNets, the tweaked
-   ResNets of ``resnet_tweaks``, torchvision's and timm's ResNets.
-
-The stages of a model are found by :func:`find_stages`: a registered finder for its class, else
-a ``stages`` container, ``layer1, layer2, ...`` (torchvision, timm ResNets) or ``s1, s2, ...``
-(timm RegNets).
+Which modules are residual blocks, where their sites are, and where a model's stages are, is the
+core's block protocol, :mod:`tricks.blocks` (shared with ``zero_gamma``): the project's ResNets,
+the tweaked ResNets of ``resnet_tweaks``, the AnyNet/RegNet blocks of ``regnet``, torchvision's and
+timm's ResNets and timm's RegNets. A new block is taught there, with
+``register_block_family(BlockFamily(..., sites=...))``; a new model's stages with
+``register_stage_finder``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+
+from tricks.blocks import BlockSites, find_blocks, find_stages
 
 from .functional import drop_block
 
@@ -64,111 +59,9 @@ class _ThenDrop:
         return self.layer(output)
 
 
-@dataclass
-class BlockSites:
-    """Where DropBlock goes in one residual block."""
-
-    branch_end: nn.Module  # its output ends the residual branch (the last BN), before the addition
-    shortcut_attr: str  # the block's attribute holding the shortcut: None or nn.Identity = identity
-    inner: list[nn.Module] = field(default_factory=list)  # inner BN layers of the branch
-
-
-SiteRule = Callable[[nn.Module], "BlockSites | None"]
-_BLOCKS: dict[type | str, SiteRule] = {}
-_RULES: list[SiteRule] = []
-StageFinder = Callable[[nn.Module], "list[nn.Module] | None"]
-_STAGE_FINDERS: dict[type | str, StageFinder] = {}
-
-
-def register_block(cls: type | str, rule: SiteRule) -> None:
-    """Teach the surgery a block class (or its ``"module.QualName"``): ``rule(block)`` returns its
-    :class:`BlockSites`, or ``None`` when this instance is not a residual block."""
-    _BLOCKS[cls] = rule
-
-
-def register_rule(rule: SiteRule, first: bool = True) -> None:
-    """Add a structural rule, tried on every module that no class rule claims."""
-    _RULES.insert(0 if first else len(_RULES), rule)
-
-
-def register_stage_finder(cls: type | str, finder: StageFinder) -> None:
-    """Teach the surgery where the stages of a model class are (a list of modules, in order)."""
-    _STAGE_FINDERS[cls] = finder
-
-
-def _lookup(table: dict, module: nn.Module):
-    for cls in type(module).__mro__:
-        for key in (cls, f"{cls.__module__}.{cls.__qualname__}"):
-            if key in table:
-                return table[key]
-    return None
-
-
-def _is(module, attr, kind) -> bool:
-    return isinstance(getattr(module, attr, None), kind)
-
-
-def resnet_block_rule(block: nn.Module) -> BlockSites | None:
-    """A ResNet basic or bottleneck block (see the module's docstring)."""
-    attr = "shortcut" if hasattr(block, "shortcut") else "downsample" if hasattr(block, "downsample") else None
-    if attr is None:
-        return None
-    if not all(_is(block, c, nn.Conv2d) and _is(block, b, _BatchNorm) for c, b in (("conv1", "bn1"), ("conv2", "bn2"))):
-        return None
-    if _is(block, "conv3", nn.Conv2d) and _is(block, "bn3", _BatchNorm):
-        return BlockSites(block.bn3, attr, [block.bn1, block.bn2])
-    if hasattr(block, "conv3") or hasattr(block, "bn3"):
-        return None
-    return BlockSites(block.bn2, attr, [block.bn1])
-
-
-def _timm_regnet_bottleneck(block) -> BlockSites | None:
-    if block.downsample is None:  # timm: no shortcut at all, not a residual block
-        return None
-    return BlockSites(block.conv3, "downsample", [block.conv1, block.conv2])
-
-
-register_block("timm.models.regnet.Bottleneck", _timm_regnet_bottleneck)
-register_rule(resnet_block_rule, first=False)
-
-
-def block_sites(module: nn.Module) -> BlockSites | None:
-    """The DropBlock sites of ``module`` if it is a residual block, else ``None``."""
-    rule = _lookup(_BLOCKS, module)
-    if rule is not None:
-        return rule(module)
-    for rule in _RULES:
-        sites = rule(module)
-        if sites is not None:
-            return sites
-    return None
-
-
 def residual_blocks(module: nn.Module) -> list[tuple[nn.Module, BlockSites]]:
-    """The residual blocks inside ``module``, in order (a block's inside is not searched)."""
-    sites = block_sites(module)
-    if sites is not None:
-        return [(module, sites)]
-    return [found for child in module.children() for found in residual_blocks(child)]
-
-
-def _numbered(model: nn.Module, prefix: str) -> list[nn.Module] | None:
-    stages, i = [], 1
-    while isinstance(getattr(model, f"{prefix}{i}", None), nn.Module):
-        stages.append(getattr(model, f"{prefix}{i}"))
-        i += 1
-    return stages or None
-
-
-def find_stages(model: nn.Module) -> list[nn.Module] | None:
-    """The stages of ``model`` in order, or ``None`` when they cannot be told."""
-    finder = _lookup(_STAGE_FINDERS, model)
-    if finder is not None:
-        return finder(model)
-    stages = getattr(model, "stages", None)
-    if isinstance(stages, (nn.Sequential, nn.ModuleList)) and len(stages) > 0:
-        return list(stages)
-    return _numbered(model, "layer") or _numbered(model, "s")
+    """The residual blocks inside ``module`` with their sites, in order (a block's inside is not searched)."""
+    return [(found.module, found.answer) for found in find_blocks(module, "sites")]
 
 
 def _shortcut_drop(block: nn.Module, attr: str, layer: DropBlock2d) -> None:

@@ -6,10 +6,8 @@ the errors a user can meet, and short runs composed with mixup and label smoothi
 
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,11 +17,12 @@ from torch import nn
 import tricks
 from tricks.builtin import cross_entropy
 from tricks.models import create_model
+from tricks.testing import BatchWatcher, call_wrapper, make_ctx, tiny_run
 from tricks_kd import KDSettings, KnowledgeDistillation, distillation_loss, load_teacher, soft_loss
 
 K = 10  # digits: 10 classes, 1 channel, 8x8
 B = 8
-TINY = dict(model="resnet8", batch_size=32, train_limit=128, val_limit=64)  # 4 steps
+SMALL = dict(train_limit=128, val_limit=64)  # tiny_run with 4 steps of 32
 
 
 def logits(seed: int, b: int = B, k: int = K, scale: float = 3.0, dtype=torch.float64) -> torch.Tensor:
@@ -34,22 +33,9 @@ def images(seed: int = 0, b: int = B) -> torch.Tensor:
     return torch.randn(b, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
 
 
-def make_ctx(num_classes: int = K, precision: str = "fp32", **core) -> SimpleNamespace:
-    """The part of the run context that build_loss reads, for the digits."""
-    config = tricks.CoreSettings(precision=precision, **core)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    autocast = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype else contextlib.nullcontext
-    return SimpleNamespace(num_classes=num_classes, in_chans=1, image_size=8, device=torch.device("cpu"),
-                           config=config, autocast=autocast)
-
-
 def wrap(plugin, ctx, inner):
-    """Run a plugin's build_loss wrapper around ``inner`` as pluggy would."""
-    gen = plugin.build_loss(ctx)
-    next(gen)
-    with pytest.raises(StopIteration) as stop:
-        gen.send(inner)
-    return stop.value.value
+    """A plugin's build_loss wrapper around ``inner``, as pluggy runs it."""
+    return call_wrapper(plugin.build_loss(ctx), inner)
 
 
 def build(ctx, inner, **settings):
@@ -70,14 +56,14 @@ def reference_soft(z, v, T):
 def teacher_dir(tmp_path_factory) -> Path:
     """A resnet8 trained for one epoch on the digits: the tiny teacher of every test here."""
     out = tmp_path_factory.mktemp("kd") / "teacher"
-    tricks.run(epochs=1, out=out, **TINY)
+    tiny_run(out=out, **SMALL)
     return out
 
 
 def teacher_reference(teacher_dir: Path) -> nn.Module:
     """The teacher rebuilt by hand: the core's resnet8 with the checkpoint's weights, in eval mode."""
     model = create_model("resnet8", K, 1)
-    model.load_state_dict(torch.load(teacher_dir / "checkpoints" / "last.pt", weights_only=False)["model"])
+    model.load_state_dict(tricks.RunDir(teacher_dir).load_checkpoint()["model"])
     return model.eval()
 
 
@@ -374,39 +360,35 @@ def test_settings_errors_name_the_key():
 # --- in a run -------------------------------------------------------------------------------
 
 
-class _Watch(tricks.Plugin):
-    """An ad-hoc plugin: records the student's inputs and targets and the optimizer's parameters."""
+class _Watch(BatchWatcher):
+    """The batches' targets, and the tensors the student's forward receives and the optimizer's parameters."""
 
     def __init__(self):
-        super().__init__()
-        self.inputs, self.targets, self.optimized = [], [], set()
+        super().__init__(record=lambda batch: batch["target"])
+        self.model_inputs, self.optimized = [], set()
 
     @tricks.hookimpl
     def on_fit_start(self, ctx):
         self.optimized = {id(p) for g in ctx.optimizer.param_groups for p in g["params"]}
-        ctx.model.register_forward_pre_hook(lambda module, args: self.inputs.append(args[0]) if module.training else None)
-
-    @tricks.hookimpl
-    def on_batch(self, ctx, batch):
-        self.targets.append(batch["target"])
+        ctx.model.register_forward_pre_hook(lambda module, args: self.model_inputs.append(args[0]) if module.training else None)
 
 
 def test_a_run_composed_with_mixup_and_label_smoothing(teacher_dir, tmp_path):
     watch = _Watch()
-    summary = tricks.run(plugins=["mixup", "label_smoothing", "kd", watch], set=[f"kd.teacher={teacher_dir}"],
-                         epochs=1, out=tmp_path / "run", **TINY)
-    assert summary["status"] == "complete" and math.isfinite(summary["final_val_loss"])
-    assert summary["plugins"] == ["mixup", "label_smoothing", "kd"]
-    assert len(watch.inputs) == 4 and all(t.shape == (32, K) for t in watch.targets)  # mixed soft targets
+    run = tiny_run(plugins=["mixup", "label_smoothing", "kd", watch], set=[f"kd.teacher={teacher_dir}"],
+                   out=tmp_path / "run", **SMALL)
+    assert run.config()["plugins"] == ["mixup", "label_smoothing", "kd"]
+    assert len(watch.model_inputs) == 4 and all(t.shape == (32, K) for t in watch.batches)  # mixed soft targets
+    assert all(math.isfinite(row["train_loss"]) for row in run.metrics())
 
 
 def test_in_a_run_the_teacher_sees_the_students_mixed_input_in_eval_mode_without_gradients(recording, tmp_path):
     watch = _Watch()
-    tricks.run(plugins=["mixup", "kd", watch], set=[f"kd.teacher={recording}", "mixup.alpha=1.0"],
-               epochs=1, out=tmp_path / "run", **TINY)
+    tiny_run(plugins=["mixup", "kd", watch], set=[f"kd.teacher={recording}", "mixup.alpha=1.0"],
+             out=tmp_path / "run", **SMALL)
     steps = [s for s in SEEN if s["x"].shape[0] == 32]  # leaves out the one-image shape check at build
-    assert len(steps) == len(watch.inputs) == 4
-    for seen, student_input, target in zip(steps, watch.inputs, watch.targets):
+    assert len(steps) == len(watch.model_inputs) == 4
+    for seen, student_input, target in zip(steps, watch.model_inputs, watch.batches):
         assert seen["x"] is student_input  # the very tensor the student was given
         assert target.is_floating_point()  # ... after mixup
         assert not seen["training"] and not seen["grad"]
@@ -417,9 +399,8 @@ def test_in_a_run_the_teacher_sees_the_students_mixed_input_in_eval_mode_without
 
 
 def test_a_bf16_run_on_the_cpu(recording, tmp_path):
-    summary = tricks.run(plugins=["kd"], set=[f"kd.teacher={recording}"], precision="bf16", epochs=1,
-                         out=tmp_path / "run", **TINY)
-    assert summary["status"] == "complete" and math.isfinite(summary["final_val_loss"])
+    run = tiny_run(plugins=["kd"], set=[f"kd.teacher={recording}"], precision="bf16", out=tmp_path / "run", **SMALL)
+    assert all(math.isfinite(row["train_loss"]) for row in run.metrics())
     steps = [s for s in SEEN if s["x"].shape[0] == 32]
     assert steps and all(s["autocast"] for s in steps)  # the teacher ran under the run's autocast
 

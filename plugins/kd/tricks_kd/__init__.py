@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from pydantic import field_validator
 
 import tricks
+from tricks.rundir import checkpoint_model, load_state, read_checkpoint, strip_prefix
 
 __version__ = "0.1.0"
 
-CHECKPOINT = Path("checkpoints") / "last.pt"
 HOW = "give one with --set kd.teacher=RUN_DIR|CHECKPOINT|timm:NAME"
 
 
@@ -60,13 +60,6 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 # --- the teacher ---------------------------------------------------------------------------
 
 
-def _strip_prefix(state: dict) -> dict:
-    """Drop a ``module.`` prefix that DistributedDataParallel leaves on every key."""
-    if state and all(isinstance(k, str) and k.startswith("module.") for k in state):
-        return {k[len("module."):]: v for k, v in state.items()}
-    return state
-
-
 def _head_classes(model: torch.nn.Module, state: dict, num_classes: int) -> int | None:
     """The class count a state dict was trained for, read at the model's last linear layer when
     that layer is the head (it has ``num_classes`` outputs in the model); else ``None``."""
@@ -81,75 +74,25 @@ def _head_classes(model: torch.nn.Module, state: dict, num_classes: int) -> int 
 
 def load_weights(model: torch.nn.Module, state: dict, source: str, num_classes: int) -> None:
     """Load ``state`` into ``model`` strictly; a wrong class count or shape is a TricksError."""
-    state = _strip_prefix(state)
-    own = model.state_dict()
+    state = strip_prefix(state)
     theirs = _head_classes(model, state, num_classes)
     if theirs is not None and theirs != num_classes:
         raise tricks.TricksError(f"the teacher {source} has {theirs} classes but the student's data has {num_classes}; "
                                  "distil from a teacher trained on the same classes")
-    shapes = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
-              if k in own and isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(own[k].shape)]
-    if shapes:
-        key, got, want = shapes[0]
-        raise tricks.TricksError(f"the teacher weights in {source} do not fit the teacher model: {key} has shape "
-                                 f"{list(got)}, the model needs {list(want)}; use weights of the same architecture, "
-                                 f"classes and input channels")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise tricks.TricksError(f"the teacher weights in {source} do not match the teacher model ({what}); "
-                                 "use weights of the same architecture")
-
-
-def _read_checkpoint(path: Path) -> dict:
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # not a torch file, truncated, ...
-        raise tricks.TricksError(f"cannot read the teacher checkpoint {path}: {type(error).__name__}: {error}")
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
-        raise tricks.TricksError(f"{path} is not a tricks checkpoint (no 'model' and 'config'); "
-                                 "for other weights use --set kd.teacher=timm:NAME --set kd.teacher_weights=FILE")
-    return checkpoint
-
-
-def _rebuild(config: dict, ctx, source: str) -> torch.nn.Module:
-    """Build the teacher's model the way its run did: its plugins' ``build_model`` hooks and the
-    core's provider, with the teacher's core settings and the student's data shape."""
-    from tricks.builtin import CoreDefaults
-    from tricks.hooks import Hooks
-
-    recipe = {k: v for k, v in config.items() if k != "adhoc_plugins"}
-    if config.get("adhoc_plugins"):
-        _log(ctx, f"kd: the teacher run also used ad-hoc plugins ({', '.join(config['adhoc_plugins'])}), "
-                  "which cannot be re-created; its model is rebuilt without them")
-    try:
-        cfg = tricks.resolve(recipe=recipe)
+        load_state(model, state, source)
     except tricks.TricksError as error:
-        raise tricks.TricksError(f"cannot rebuild the teacher of {source}: {error}")
-    hooks = Hooks(cfg.instantiate(), core=CoreDefaults())
-    teacher_ctx = tricks.RunContext(
-        config=cfg.core, run=cfg, device=ctx.device, rank=getattr(ctx, "rank", 0),
-        world_size=getattr(ctx, "world_size", 1), run_dir=None, num_classes=ctx.num_classes,
-        in_chans=ctx.in_chans, image_size=ctx.image_size, train_size=getattr(ctx, "train_size", 0),
-        steps_per_epoch=getattr(ctx, "steps_per_epoch", 1), epochs=cfg.core.epochs,
-        reporter=getattr(ctx, "reporter", None) or tricks.Reporter(),
-    )
-    model = hooks.build_model(teacher_ctx)
-    if model is None:
-        raise tricks.TricksError(f"no plugin of the teacher run {source} built a model")
-    student_data = getattr(getattr(ctx, "config", None), "dataset", None)
-    if student_data is not None and cfg.core.dataset != student_data:
-        _log(ctx, f"kd: the teacher was trained on {cfg.core.dataset}, the student trains on {student_data}")
-    return model
+        raise tricks.TricksError(f"teacher: {error}") from None
 
 
 def load_teacher(teacher: str, ctx, weights: str = "", allow_random: bool = False) -> torch.nn.Module:
     """The teacher model with its weights (on the CPU, unless a model provider put it elsewhere),
     for a student with ``ctx.num_classes`` classes and ``ctx.in_chans`` input channels.
 
-    ``teacher`` is a tricks run directory (its ``checkpoints/last.pt``), a checkpoint file, or
+    ``teacher`` is a tricks run directory (its last checkpoint), a checkpoint file, or
     ``timm:NAME`` (then ``weights`` is a state dict file, or a checkpoint dict with
-    ``state_dict`` or ``model``). The global random state is left as it was.
+    ``state_dict`` or ``model``). A run's model is rebuilt through its own plugins and settings
+    (:class:`tricks.RunDir`). The global random state is left as it was.
     """
     teacher = (teacher or "").strip()
     if not teacher:
@@ -159,16 +102,29 @@ def load_teacher(teacher: str, ctx, weights: str = "", allow_random: bool = Fals
             return _timm_teacher(teacher, ctx, weights, allow_random)
         path = Path(teacher).expanduser()
         if path.is_dir():
-            if not (path / CHECKPOINT).is_file():
-                raise tricks.TricksError(f"the teacher run {path} has no {CHECKPOINT}; train it first "
+            run = tricks.RunDir(path)
+            if not run.has_checkpoint():
+                raise tricks.TricksError(f"the teacher run {path} has no {run.CHECKPOINT}; train it first "
                                          f"(tricks run --out {path}) or point kd.teacher at a checkpoint file")
-            path = path / CHECKPOINT
+            path = run.checkpoint_path
         elif not path.is_file():
             raise tricks.TricksError(f"the teacher {teacher} is neither a run directory, a checkpoint file nor timm:NAME; {HOW}")
-        checkpoint = _read_checkpoint(path)
-        model = checkpoint.get("model_object")
-        if model is None:
-            model = _rebuild(checkpoint["config"], ctx, str(path))
+        try:
+            checkpoint = read_checkpoint(path)
+        except tricks.TricksError as error:
+            message = str(error).replace("cannot read the checkpoint", "cannot read the teacher checkpoint")
+            raise tricks.TricksError(f"{message}; for other weights use --set kd.teacher=timm:NAME "
+                                     "--set kd.teacher_weights=FILE") from None
+        config = checkpoint["config"]
+        if config.get("adhoc_plugins") and "model_object" not in checkpoint:
+            _log(ctx, f"kd: the teacher run also used ad-hoc plugins ({', '.join(config['adhoc_plugins'])}), "
+                      "which cannot be re-created; its model is rebuilt without them")
+        student_data = getattr(getattr(ctx, "core", None), "dataset", None)
+        teacher_data = (config.get("core") or {}).get("dataset")
+        if student_data is not None and teacher_data is not None and teacher_data != student_data:
+            _log(ctx, f"kd: the teacher was trained on {teacher_data}, the student trains on {student_data}")
+        model = checkpoint_model(checkpoint, f"the teacher {path}", num_classes=ctx.num_classes,
+                                 in_chans=ctx.in_chans, image_size=ctx.image_size)
         load_weights(model, checkpoint["model"], str(path), ctx.num_classes)
         return model
 
@@ -278,7 +234,7 @@ class KnowledgeDistillation(tricks.Plugin):
         s = self.settings
         source = s.teacher.strip()
         teacher = load_teacher(source, ctx, s.teacher_weights, s.allow_random_teacher)
-        teacher = prepare_teacher(teacher, ctx.device, bool(getattr(ctx.config, "channels_last", False)))
+        teacher = prepare_teacher(teacher, ctx.device, bool(ctx.core.channels_last))
         _probe(teacher, ctx, source)
         self.teacher = teacher
         _log(ctx, f"kd: teacher {source} ({sum(p.numel() for p in teacher.parameters()):,} parameters), "

@@ -3,19 +3,12 @@ in a run and in its log."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 import tricks
+from tricks.testing import tiny_run
 from tricks_linear_scaling import scale_optimizer, scaled_lr
-
-TINY = dict(model="resnet8", batch_size=32, train_limit=256, val_limit=128)
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def test_the_papers_examples():
@@ -42,16 +35,14 @@ class Log(tricks.Reporter):
 
 def test_in_a_run_the_rate_is_scaled_and_logged(tmp_path):
     log = Log()
-    tricks.run(plugins=["linear_scaling"], epochs=1, lr=0.4, out=tmp_path / "run", reporter=log, **TINY)
-    assert [r["lr"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == pytest.approx([0.4 * 32 / 256])
+    run = tiny_run(plugins=["linear_scaling"], lr=0.4, out=tmp_path / "run", reporter=log)  # batches of 32
+    assert [r["lr"] for r in run.metrics()] == pytest.approx([0.4 * 32 / 256])
     assert "linear_scaling: lr 0.4 x 32/256 = 0.05" in log.lines
 
 
 def test_composes_with_cosine_and_no_bias_decay(tmp_path):
-    tricks.run(plugins=["linear_scaling", "no_bias_decay", "cosine"], set=["linear_scaling.reference_batch=64"],
-               epochs=1, out=tmp_path / "run", **TINY)
-    config = (tmp_path / "run" / "config.yaml").read_text()
-    assert "reference_batch: 64" in config
-    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
-    groups = ckpt["optimizer"]["param_groups"]
+    run = tiny_run(plugins=["linear_scaling", "no_bias_decay", "cosine"], set=["linear_scaling.reference_batch=64"],
+                   out=tmp_path / "run")
+    assert run.config()["linear_scaling"]["reference_batch"] == 64
+    groups = run.load_checkpoint()["optimizer"]["param_groups"]
     assert len(groups) == 2 and all(g["initial_lr"] == pytest.approx(0.1 * 32 / 64) for g in groups)

@@ -42,9 +42,9 @@ class LinearScaling(tricks.Plugin):
     @tricks.hookimpl(wrapper=True)
     def configure_optimizer(self, ctx, model):
         optimizer = yield
-        batch, ref = ctx.config.batch_size, self.settings.reference_batch
+        batch, ref = ctx.core.batch_size, self.settings.reference_batch
         base = optimizer.param_groups[0]["lr"]
-        factor = scale_optimizer(optimizer, batch, ref)
+        scale_optimizer(optimizer, batch, ref)
         self.effective_lr = optimizer.param_groups[0]["lr"]
         ctx.log(f"linear_scaling: lr {base:g} x {batch}/{ref} = {self.effective_lr:g}")
         return optimizer

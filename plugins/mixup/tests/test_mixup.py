@@ -5,13 +5,13 @@ mixup of torchvision and timm when the same lambda and pairing are used."""
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import tricks
+from tricks.testing import BatchWatcher, make_ctx, tiny_run
 from tricks_mixup import Mixup, MixupSettings, mixup, partner, sample_lambda, soft_targets
 
 K = 10  # classes
@@ -26,9 +26,7 @@ def make_batch(seed: int = 0, b: int = B, k: int = K, dtype=torch.float32):
     return x, y
 
 
-def ctx(num_classes: int = K):
-    """The part of the run context that on_batch reads."""
-    return SimpleNamespace(num_classes=num_classes)
+CTX = make_ctx(num_classes=K)  # the run context on_batch reads (its classes); made once, the tests call on_batch often
 
 
 def plugin(**settings) -> Mixup:
@@ -172,7 +170,7 @@ def test_on_batch_mixes_with_the_sampled_lambda_and_the_chosen_pairing(pairing):
     torch.manual_seed(11)
     expected = mixup(x, y, sample_lambda(0.4), partner(B, pairing, x.device), K)
     torch.manual_seed(11)
-    out = plugin(alpha=0.4, pairing=pairing).on_batch(ctx(), {"input": x.clone(), "target": y.clone()})
+    out = plugin(alpha=0.4, pairing=pairing).on_batch(CTX, {"input": x.clone(), "target": y.clone()})
     assert torch.equal(out["input"], expected[0])
     assert torch.equal(out["target"], expected[1])
 
@@ -183,10 +181,10 @@ def test_prob_zero_leaves_batches_unchanged_and_prob_one_mixes_every_batch():
     for seed in range(50):
         x, y = make_batch(seed)
         batch = {"input": x.clone(), "target": y.clone()}
-        out = p0.on_batch(ctx(), batch)
+        out = p0.on_batch(CTX, batch)
         out = batch if out is None else out
         assert torch.equal(out["input"], x) and torch.equal(out["target"], y)
-        out = p1.on_batch(ctx(), {"input": x.clone(), "target": y.clone()})
+        out = p1.on_batch(CTX, {"input": x.clone(), "target": y.clone()})
         assert out["target"].shape == (B, K)
         assert not torch.equal(out["input"], x)
 
@@ -197,7 +195,7 @@ def test_prob_mixes_that_fraction_of_batches():
     n, mixed = 600, 0
     x, y = make_batch()
     for _ in range(n):
-        out = p.on_batch(ctx(), {"input": x, "target": y})
+        out = p.on_batch(CTX, {"input": x, "target": y})
         mixed += out is not None and out["target"].is_floating_point()
     # binomial(600, 0.3): sd 0.019; 5 sd
     assert abs(mixed / n - 0.3) < 0.095
@@ -215,7 +213,7 @@ def _devices():
 @pytest.mark.parametrize("pairing", PAIRINGS)
 def test_on_batch_keeps_the_device_and_dtype_of_the_input(device, dtype, pairing):
     x, y = make_batch(7, dtype=dtype)
-    out = plugin(pairing=pairing).on_batch(ctx(), {"input": x.to(device), "target": y.to(device)})
+    out = plugin(pairing=pairing).on_batch(CTX, {"input": x.to(device), "target": y.to(device)})
     assert out["input"].device.type == device.type and out["input"].dtype == dtype
     assert out["input"].shape == x.shape
     assert out["target"].device.type == device.type and out["target"].shape == (B, K)
@@ -271,25 +269,14 @@ def test_equals_timm_batch_mixup_with_reverse_pairing(lam, smoothing, monkeypatc
 # --- in a run -------------------------------------------------------------------------------
 
 
-class _Watch(tricks.Plugin):
-    """An ad-hoc plugin registered after mixup: sees every batch mixup hands on."""
-
-    def __init__(self):
-        super().__init__()
-        self.targets = []
-
-    @tricks.hookimpl
-    def on_batch(self, ctx, batch):
-        self.targets.append(batch["target"])
-
-
 def test_a_run_trains_on_mixed_soft_targets(tmp_path):
-    watch = _Watch()
-    summary = tricks.run(plugins=["mixup", watch], epochs=1, out=tmp_path / "run", model="resnet8",
-                         batch_size=32, train_limit=128, val_limit=64, set=["mixup.alpha=1.0"])
-    assert summary["status"] == "complete" and math.isfinite(summary["final_val_loss"])
-    assert summary["plugins"] == ["mixup"]
-    assert len(watch.targets) == 4
+    watch = BatchWatcher()
+    run = tiny_run(plugins=["mixup", watch], set=["mixup.alpha=1.0"], train_limit=128, val_limit=64,
+                   out=tmp_path / "run")
+    assert run.config()["plugins"] == ["mixup"]
+    [row] = run.metrics()
+    assert math.isfinite(row["train_loss"]) and math.isfinite(row["val_loss"])
+    assert len(watch.targets) == 4  # 128 digits in batches of 32
     for t in watch.targets:
         assert t.shape == (32, K) and t.is_floating_point()  # digits: 10 classes
         torch.testing.assert_close(t.sum(1), torch.ones(32))

@@ -8,11 +8,9 @@ import timm
 import torch
 from torch import nn
 
-import tricks
 from tricks.models import create_model
+from tricks.testing import tiny_run
 from tricks_no_bias_decay import split_decay, without_bias_decay
-
-TINY = dict(model="resnet8", batch_size=32, train_limit=256, val_limit=128)
 
 
 def models():
@@ -60,9 +58,8 @@ def test_a_step_with_zero_gradients_decays_only_the_weights():
 
 
 def test_in_a_run_the_optimizer_has_the_two_groups(tmp_path):
-    tricks.run(plugins=["no_bias_decay"], epochs=1, out=tmp_path / "run", **TINY)
-    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
-    groups = ckpt["optimizer"]["param_groups"]
+    run = tiny_run(plugins=["no_bias_decay"], out=tmp_path / "run")
+    groups = run.load_checkpoint()["optimizer"]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [5e-4, 0.0]
     model = create_model("resnet8", 10, 1)
     decay, no_decay = split_decay(model)

@@ -172,7 +172,7 @@ def test_report_writes_text_and_figures(tmp_path, fmt):
     for name in FIGURES:
         data = (out / name).read_bytes()
         assert data.startswith(PNG) and len(data) > 2000
-        assert (f"![" in text and f"]({name})" in text) if fmt == "md" else f'<img src="{name}"' in text
+        assert ("![" in text and f"]({name})" in text) if fmt == "md" else f'<img src="{name}"' in text
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
     for label in ("anynetx_a", "anynetx_e", "regnetx"):
         assert label in text

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
-from types import SimpleNamespace
+import re
 
 import pytest
 import torch
@@ -15,6 +15,7 @@ from torch import nn
 
 import tricks
 from modules import randomize_bn
+from tricks.testing import make_ctx, tiny_run
 from tricks_regnet import (ALIASES, TINY_ARCH, ZOO, ZOO_NAMES, AnyNet, AnyNetBlock, RegNet, RegNetSettings,
                            SqueezeExcite, anynet_config, build_anynet, check_arch, complexity, create_regnet,
                            regnet_config, resolve_model, resolve_stem)
@@ -336,12 +337,6 @@ def test_settings_validate_the_architecture_and_the_stem():
     assert resolve_stem("imagenet", 8) == "imagenet" and resolve_stem("cifar", 224) == "cifar"
 
 
-def _ctx(model, image_size=8, in_chans=1, num_classes=10):
-    logs = []
-    return SimpleNamespace(config=SimpleNamespace(model=model), image_size=image_size, in_chans=in_chans,
-                           num_classes=num_classes, log=logs.append, logs=logs)
-
-
 @pytest.mark.parametrize("model, arch, stem, image_size, expected", [
     ("regnetx_200mf", None, "auto", 8, lambda: create_regnet("regnetx_200mf", 10, 1, "cifar")),
     ("regnety_1.6gf", None, "auto", 224, lambda: create_regnet("regnety_1.6gf", 10, 1, "imagenet")),
@@ -349,7 +344,7 @@ def _ctx(model, image_size=8, in_chans=1, num_classes=10):
     ("anynet", TINY_ARCH, "auto", 8, lambda: build_anynet(check_arch(TINY_ARCH), 10, 1, "cifar")),
 ])
 def test_build_model_follows_the_run_and_the_settings(model, arch, stem, image_size, expected):
-    ctx = _ctx(model, image_size)
+    ctx = make_ctx(model=model, image_size=image_size)
     with torch.device("meta"):
         built = RegNet(RegNetSettings(arch=arch, stem=stem)).build_model(ctx)
         reference = expected()
@@ -359,32 +354,42 @@ def test_build_model_follows_the_run_and_the_settings(model, arch, stem, image_s
 
 # --- in a run -------------------------------------------------------------------------------------
 
-RUN = dict(epochs=1, batch_size=32, train_limit=128, val_limit=64, device="cpu")
+LIMITS = dict(train_limit=128, val_limit=64)  # tiny_run with 4 steps of 32
+
+
+class Logs(tricks.Reporter):
+    def __init__(self):
+        self.lines = []
+
+    def log(self, message):
+        self.lines.append(message)
 
 
 def test_a_run_trains_an_anynet_from_the_settings(tmp_path):
     example = RegNet.example_settings(tmp_path / "example")
-    sets = [f"regnet.{key}={value}" for key, value in example.items()]
-    summary = tricks.run(plugins="regnet", model=RegNet.example_model, set=sets, out=tmp_path / "run", **RUN)
-    assert summary["status"] == "complete" and math.isfinite(summary["final_val_loss"])
-    assert summary["plugins"] == ["regnet"] and summary["model"] == "anynet"
+    run = tiny_run(plugins=["regnet"], config={"regnet": example}, model=RegNet.example_model, out=tmp_path / "run", **LIMITS)
+    assert run.config()["plugins"] == ["regnet"]
     expected = build_anynet(check_arch(TINY_ARCH), num_classes=10, in_chans=1, stem="cifar")
-    assert summary["params"] == n_params(expected)
+    assert run.summary()["params"] == n_params(expected)
 
 
 def test_a_run_trains_a_zoo_regnet(tmp_path):
     # as `tricks run --plugins regnet --model regnetx_200mf` on digits (8x8, one channel, 10 classes)
-    summary = tricks.run(plugins="regnet", model="regnetx_200mf", out=tmp_path / "run", **RUN)
-    assert summary["status"] == "complete" and math.isfinite(summary["final_val_loss"])
-    assert summary["params"] == n_params(create_regnet("regnetx_200mf", num_classes=10, in_chans=1))
+    run = tiny_run(plugins=["regnet"], model="regnetx_200mf", out=tmp_path / "run", **LIMITS)
+    assert run.summary()["params"] == n_params(create_regnet("regnetx_200mf", num_classes=10, in_chans=1))
+    assert all(math.isfinite(row["train_loss"]) for row in run.metrics())
 
 
 def test_a_run_with_zero_gamma_and_dropblock(tmp_path):
-    # the plugins that change residual blocks find ours
+    # the plugins that change residual blocks find ours, and say what they changed
+    logs = Logs()
     sets = [f"regnet.arch={TINY_ARCH}", "dropblock.block_size=3", "dropblock.stages=[2]"]
-    summary = tricks.run(plugins="regnet,zero_gamma,dropblock", model="anynet", set=sets,
-                         out=tmp_path / "run", **RUN)
-    assert summary["status"] == "complete" and math.isfinite(summary["final_val_loss"])
+    run = tiny_run(plugins=["regnet", "zero_gamma", "dropblock"], model="anynet", set=sets, reporter=logs,
+                   out=tmp_path / "run", **LIMITS)
+    blocks = sum(TINY_ARCH["depths"])
+    assert any(re.match(rf"zero_gamma: gamma = 0 in the last BatchNorm of {blocks} residual blocks", m) for m in logs.lines), logs.lines
+    assert any(re.match(r"dropblock: [1-9]\d* DropBlock layers", m) for m in logs.lines), logs.lines
+    assert all(math.isfinite(row["train_loss"]) for row in run.metrics())
 
 
 @pytest.mark.parametrize("model, sets, pattern", [
@@ -393,5 +398,5 @@ def test_a_run_with_zero_gamma_and_dropblock(tmp_path):
 ])
 def test_a_run_that_cannot_build_its_model_fails_with_a_one_line_error(tmp_path, model, sets, pattern):
     with pytest.raises(tricks.TricksError, match=pattern) as error:
-        tricks.run(plugins="regnet", model=model, set=sets, out=tmp_path / "run", **RUN)
+        tiny_run(plugins=["regnet"], model=model, set=sets, out=tmp_path / "run", **LIMITS)
     assert "\n" not in str(error.value)

@@ -11,7 +11,7 @@ import pytest
 
 import tricks
 from conftest import run_cli
-from processes import cli_in_process, finish, finish_killed, one_line_error, one_torch_thread, snapshot, start_script
+from processes import cli_in_process, one_line_error, one_torch_thread, snapshot
 from tricks_regnet.complexity import complexity
 from tricks_regnet.config import AnyNetConfig
 from tricks_regnet.sweep import load_job, sample_job
@@ -38,6 +38,7 @@ def space_file(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_cli_job_records_each_network_continues_and_is_analysed(tmp_path, space_file):
     out = tmp_path / "sweep"
     done = run_cli("sample", "--space", str(space_file), "--n", "3", "--flops", ":1M", "--out", str(out),
@@ -98,6 +99,7 @@ class FailOn(tricks.Plugin):
             raise RuntimeError("this network cannot be trained")
 
 
+@pytest.mark.slow
 def test_a_failing_network_is_recorded_and_the_job_goes_on(tmp_path):
     out = tmp_path / "sweep"
     with one_torch_thread():
@@ -116,45 +118,7 @@ def test_a_failing_network_is_recorded_and_the_job_goes_on(tmp_path):
     assert results(out)["0001"]["status"] == "ok"
 
 
-KILLED_JOB = """
-import os, signal, tricks
-from tricks_regnet.sweep import sample_job
-from test_sweep_constants import SPACE, RECIPE
-
-class KillOn(tricks.Plugin):
-    name = "kill_on"
-
-    @tricks.hookimpl
-    def on_epoch_start(self, ctx, epoch):
-        if ctx.run_dir.name == "0001" and epoch == 1:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-sample_job({out!r}, SPACE, 2, overrides=RECIPE, extra_plugins=[KillOn()])
-"""
-
-
-def test_a_job_killed_mid_network_resumes_to_the_same_results(tmp_path):
-    (tmp_path / "test_sweep_constants.py").write_text(f"SPACE = {TINY_SPACE!r}\nRECIPE = {RECIPE!r}\n")
-    out = tmp_path / "killed"
-    finish_killed(start_script(KILLED_JOB.format(out=str(out)), cwd=tmp_path))
-    assert sorted(results(out)) == ["0000"]  # the first network finished, the second was killed in epoch 2
-    assert (out / "runs" / "0001" / "checkpoints" / "last.pt").exists()
-    resumed = finish(start_script(f"from tricks_regnet.sweep import sample_job\nfrom test_sweep_constants import SPACE, RECIPE\n"
-                                  f"sample_job({str(out)!r}, SPACE, 2, overrides=RECIPE)", cwd=tmp_path))
-    assert resumed.returncode == 0, resumed.stderr
-    reference = tmp_path / "reference"
-    whole = finish(start_script(f"from tricks_regnet.sweep import sample_job\nfrom test_sweep_constants import SPACE, RECIPE\n"
-                                f"sample_job({str(reference)!r}, SPACE, 2, overrides=RECIPE)", cwd=tmp_path))
-    assert whole.returncode == 0, whole.stderr
-    got, want = results(out), results(reference)
-    assert sorted(got) == sorted(want) == ["0000", "0001"]
-    for ident in want:
-        for key in ("status", "config", "params", "complexity", "error", "best_error"):
-            assert got[ident][key] == want[ident][key], (ident, key)
-    metrics = (out / "runs" / "0001" / "metrics.jsonl").read_text().splitlines()
-    assert len(metrics) == 2  # epoch 1 from the checkpoint, epoch 2 after the resume
-
-
+@pytest.mark.slow
 def test_several_networks_at_once_on_one_device(tmp_path):
     out = tmp_path / "pool"
     summary = sample_job(out, TINY_SPACE, 4, overrides=RECIPE, per_gpu=2)
@@ -165,6 +129,7 @@ def test_several_networks_at_once_on_one_device(tmp_path):
     assert [s.config.to_dict() for s in job.samples] == [rows[i]["config"] for i in sorted(rows)]
 
 
+@pytest.mark.slow
 def test_ray_backend_with_a_local_instance(tmp_path):
     pytest.importorskip("ray")
     out = tmp_path / "ray"

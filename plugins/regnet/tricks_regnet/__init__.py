@@ -151,8 +151,12 @@ class RegNet(tricks.Plugin):
 
     @tricks.hookimpl
     def build_model(self, ctx):
+        from .zoo import resolve_name
+
+        if resolve_name(ctx.core.model) is None and ctx.core.model not in ARCH_MODELS:
+            return None  # not one of this plugin's names: the next provider's
         s = self.settings
-        cfg, label = resolve_model(ctx.config.model, s.arch)
+        cfg, label = resolve_model(ctx.core.model, s.arch)
         stem = resolve_stem(s.stem, ctx.image_size)
         model = AnyNet(cfg, ctx.num_classes, ctx.in_chans, stem)
         cx = complexity(cfg, ctx.image_size, stem, ctx.num_classes, ctx.in_chans)

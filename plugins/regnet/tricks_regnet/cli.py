@@ -1,5 +1,9 @@
 """``tricks sample`` and ``tricks analyze``: commands this plugin adds to the ``tricks`` CLI
-(entry point group ``tricks.commands``)."""
+(entry point group ``tricks.commands``).
+
+``tricks --help`` lists them with the first paragraph of their docstrings, read without importing
+this package (which imports torch); the package is imported when one of them runs.
+"""
 
 from __future__ import annotations
 
@@ -8,59 +12,17 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from tricks import TricksError
+from tricks.cli import options
+from tricks.cli.options import core_options
 
 console = Console()
 
 
-class RichSweepProgress:
-    """Networks done out of n, running, failed and the best error so far; a line per network."""
-
-    def __init__(self, console: Console, quiet: bool = False):
-        self.console, self.quiet = console, quiet
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TimeRemainingColumn(),
-                                 TextColumn("running {task.fields[running]}  failed {task.fields[failed]}  "
-                                            "best {task.fields[best]}"),
-                                 console=console, transient=False, disable=quiet)
-        self.running = 0
-        self.failed = 0
-        self.best = None
-
-    def _fields(self):
-        return dict(running=self.running, failed=self.failed,
-                    best="-" if self.best is None else f"{self.best:.2f}%")
-
-    def start(self, job, total, done, failed, best):
-        self.failed, self.best = failed, best
-        self.progress.start()
-        self.task = self.progress.add_task(job.space.name, total=total, completed=done, **self._fields())
-        if done and not self.quiet:
-            self.console.print(f"{done} of {total} networks already have a result; continuing")
-
-    def model_start(self, task):
-        self.running += 1
-        self.progress.update(self.task, **self._fields())
-
-    def model_end(self, result):
-        self.running = max(0, self.running - 1)
-        if result["status"] == "ok":
-            self.best = result["error"] if self.best is None else min(self.best, result["error"])
-            line = f"{result['id']}  error {result['error']:.2f}%  best epoch {result['best_error']:.2f}%  {result['time_s']:.0f}s"
-        else:
-            self.failed += 1
-            line = f"{result['id']}  failed: {result.get('message', '')}"
-        if not self.quiet:
-            self.progress.console.print(line, markup=False, highlight=False)
-        self.progress.update(self.task, advance=1, **self._fields())
-
-    def finish(self, summary):
-        self.progress.stop()
-
-
+@core_options(exclude=("model", "seed"))  # each network is the run's model; --seed is the sampling seed
 def sample(
+    core: dict,
     space: str = typer.Option(..., "--space", help="anynetx_a..anynetx_e, regnet, regnetx, regnety, or a YAML space file."),
     n: int = typer.Option(..., "--n", help="How many distinct networks to sample and train."),
     out: Path = typer.Option(..., "--out", "-o", help="The job's folder; the same command continues it."),
@@ -71,21 +33,11 @@ def sample(
     plugins: Optional[str] = typer.Option(None, "--plugins", "-p", help="The recipe's plugins, e.g. cosine,label_smoothing (regnet is added)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="A YAML recipe to start from."),
     set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Override one setting: plugin.key=value or core.key=value (repeatable)."),
-    epochs: Optional[int] = typer.Option(None, help="Training epochs per network. [default: 20]"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size. [default: 64]"),
-    lr: Optional[float] = typer.Option(None, help="Base learning rate. [default: 0.1]"),
-    dataset: Optional[str] = typer.Option(None, help="digits (bundled), cifar10, cifar100, npz or imagefolder. [default: digits]"),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Folder holding the data set."),
-    train_limit: Optional[int] = typer.Option(None, "--train-limit", help="Train on the first N images only."),
-    val_limit: Optional[int] = typer.Option(None, "--val-limit", help="Evaluate on the first N images only."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda. [default: auto]"),
-    precision: Optional[str] = typer.Option(None, help="fp32, bf16 or fp16. [default: bf16 on CUDA, fp32 on CPU]"),
-    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="[default: on with CUDA]"),
-    gpus: Optional[str] = typer.Option(None, "--gpus", help="GPUs to use: all (default) or indices like 0,1."),
-    per_gpu: int = typer.Option(1, "--per-gpu", help="Networks trained at once on each GPU (or on the CPU)."),
-    backend: str = typer.Option("local", "--backend", help="local (a process pool) or ray (a Ray cluster)."),
-    address: Optional[str] = typer.Option(None, "--address", help="The Ray cluster to join (default: start a local one)."),
-    retry_failed: bool = typer.Option(False, "--retry-failed", help="Train the networks that failed before again."),
+    gpus: Optional[str] = options.gpus_option(),
+    per_gpu: int = options.per_gpu_option(),
+    backend: str = options.backend_option(),
+    address: Optional[str] = options.address_option(),
+    retry_failed: bool = options.retry_failed_option(),
     registry: Optional[List[Path]] = typer.Option(None, "--registry", help="An extra registry file (repeatable)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display; the summary line only."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only sample: print the networks and their complexity, train and write nothing."),
@@ -95,9 +47,10 @@ def sample(
     Writes SWEEP/sweep.json (the plan), samples.jsonl, results/ID.json (one per network, as it
     finishes), runs/ID/ (each network's run) and summary.json. Run the same command again to
     continue an interrupted job: finished networks are kept, an interrupted one resumes from its
-    checkpoint. Then: tricks analyze SWEEP [SWEEP ...].
+    checkpoint. Then: tricks analyze SWEEP [SWEEP ...]. On CUDA, training uses bf16 and
+    channels_last unless --precision or --channels-last/--no-channels-last say otherwise.
     """
-    import torch
+    from tricks.cli.reporters import RichSweepProgress
 
     from .spaces import SpaceError, Window
     from .sweep import sample_job
@@ -106,12 +59,7 @@ def sample(
         window = Window.parse(flops, params, acts)
     except SpaceError as error:
         raise TricksError(str(error)) from None
-    cuda = device == "cuda" or (device in (None, "auto") and torch.cuda.is_available())
-    overrides = dict(epochs=epochs, batch_size=batch_size, lr=lr, dataset=dataset, data_dir=data_dir,
-                     train_limit=train_limit, val_limit=val_limit, device=device,
-                     precision=precision or ("bf16" if cuda else None),
-                     channels_last=channels_last if channels_last is not None else (True if cuda else None))
-    overrides = {k: v for k, v in overrides.items() if v is not None}
+    overrides = core
     if dry_run:
         from .sweep import plan
 
@@ -146,7 +94,7 @@ def print_samples(job) -> None:
 
 def analyze(
     sweeps: List[Path] = typer.Argument(..., help="One or more sampling job folders."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report folder. [default: FIRST_SWEEP/analysis]"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report folder (when not given: FIRST_SWEEP/analysis)."),
     html: bool = typer.Option(False, "--html", help="Write report.html instead of report.md."),
     top: int = typer.Option(5, "--top", help="How many best networks' widths to plot and fit."),
 ):

@@ -6,8 +6,6 @@ and large inputs, the choice of architecture from the run, and a short run."""
 from __future__ import annotations
 
 import functools
-import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +13,7 @@ from torch import nn
 
 import tricks
 from modules import randomize_bn
+from tricks.testing import make_ctx, tiny_run
 from tricks_resnet_tweaks import (AUTO_IMAGENET_MIN_SIZE, CIFAR_DEPTHS, IMAGENET_DEPTHS, Bottleneck,
                                   ResNetTweaks, ResNetTweaksSettings, create_resnet, resolve_architecture)
 
@@ -316,12 +315,6 @@ def test_a_cifar_depth_with_the_imagenet_stem_is_an_error():
         resolve_architecture("resnet20", "imagenet", 224)
 
 
-def _ctx(model="resnet20", image_size=8, in_chans=1, num_classes=10):
-    logs = []
-    return SimpleNamespace(config=SimpleNamespace(model=model), image_size=image_size, in_chans=in_chans,
-                           num_classes=num_classes, log=logs.append, logs=logs)
-
-
 @pytest.mark.parametrize("model, image_size, variant, stem, expected", [
     ("resnet20", 8, "D", "auto", lambda: create_resnet(20, "D", "cifar", 10, 1)),
     ("resnet101", 8, "B", "auto", lambda: create_resnet(101, "B", "cifar", 10, 1)),
@@ -329,7 +322,7 @@ def _ctx(model="resnet20", image_size=8, in_chans=1, num_classes=10):
     ("resnet50", 32, "C", "imagenet", lambda: create_resnet(50, "C", "imagenet", 10, 1)),
 ])
 def test_build_model_follows_the_run_and_the_settings(model, image_size, variant, stem, expected):
-    ctx = _ctx(model, image_size)
+    ctx = make_ctx(model=model, image_size=image_size)
     with torch.device("meta"):
         built = ResNetTweaks(ResNetTweaksSettings(variant=variant, stem=stem)).build_model(ctx)
     assert str(built) == str(on_meta(expected))
@@ -350,9 +343,8 @@ def test_settings_errors_name_the_key():
 
 
 def test_a_run_trains_the_tweaked_model(tmp_path):
-    summary = tricks.run(plugins=["resnet_tweaks"], epochs=1, out=tmp_path / "run", model="resnet8",
-                         batch_size=32, train_limit=256, val_limit=128, set=["resnet_tweaks.variant=D"])
-    assert summary["status"] == "complete" and math.isfinite(summary["final_val_loss"])
+    run = tiny_run(plugins=["resnet_tweaks"], set=["resnet_tweaks.variant=D"], out=tmp_path / "run")
+    summary = run.summary()
     # digits: 8x8, one channel, 10 classes -> the CIFAR-shaped ResNet-8-D
     assert summary["params"] == n_params(create_resnet(8, "D", "cifar", num_classes=10, in_chans=1))
     assert summary["params"] != n_params(create_resnet(8, "A", "cifar", num_classes=10, in_chans=1))
@@ -360,5 +352,4 @@ def test_a_run_trains_the_tweaked_model(tmp_path):
 
 def test_a_run_with_an_unsupported_model_fails_with_a_one_line_error(tmp_path):
     with pytest.raises(tricks.TricksError, match="timm:resnet18"):
-        tricks.run(plugins=["resnet_tweaks"], epochs=1, out=tmp_path / "run", model="timm:resnet18",
-                   train_limit=64, val_limit=32)
+        tiny_run(plugins=["resnet_tweaks"], model="timm:resnet18", out=tmp_path / "run")

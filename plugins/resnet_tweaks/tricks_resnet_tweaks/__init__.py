@@ -95,8 +95,10 @@ class ResNetTweaks(tricks.Plugin):
 
     @tricks.hookimpl
     def build_model(self, ctx):
+        if _depth(ctx.core.model) is None:
+            return None  # not a ResNet name: the next provider's (the core refuses a run that named this plugin)
         s = self.settings
-        depth, shape = resolve_architecture(ctx.config.model, s.stem, ctx.image_size)
+        depth, shape = resolve_architecture(ctx.core.model, s.stem, ctx.image_size)
         model = create_resnet(depth, s.variant, shape, ctx.num_classes, ctx.in_chans)
         params = sum(p.numel() for p in model.parameters())
         ctx.log(f"resnet_tweaks: ResNet-{depth}-{s.variant}, {shape}-shaped, {params / 1e6:.2f}M parameters")

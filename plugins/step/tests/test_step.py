@@ -3,19 +3,12 @@ run with milestones in epochs and as fractions."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 import tricks
+from tricks.testing import tiny_run
 from tricks_step import StepSettings, step_lr
-
-TINY = dict(model="resnet8", batch_size=32, train_limit=256, val_limit=128)  # 8 steps an epoch
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def test_the_papers_baseline_divides_by_ten_at_30_60_90():
@@ -37,14 +30,14 @@ def test_equals_torch_multisteplr_stepped_every_batch(gamma):
 
 
 def test_in_a_run_milestones_in_epochs(tmp_path):
-    tricks.run(plugins=["step"], set=["step.milestones=[1, 3]"], epochs=4, out=tmp_path / "run", **TINY)
-    lrs = [r["lr"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
+    run = tiny_run(plugins=["step"], set=["step.milestones=[1, 3]"], epochs=4, out=tmp_path / "run")
+    lrs = [r["lr"] for r in run.metrics()]
     assert lrs == pytest.approx([0.1, 0.01, 0.01, 0.001])
 
 
 def test_in_a_run_milestones_as_fractions(tmp_path):
-    tricks.run(plugins=["step"], set=["step.fractions=[0.5]", "step.gamma=0.2"], epochs=4, out=tmp_path / "run", **TINY)
-    lrs = [r["lr"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
+    run = tiny_run(plugins=["step"], set=["step.fractions=[0.5]", "step.gamma=0.2"], epochs=4, out=tmp_path / "run")
+    lrs = [r["lr"] for r in run.metrics()]
     assert lrs == pytest.approx([0.1, 0.1, 0.02, 0.02])
 
 
@@ -55,6 +48,6 @@ def test_step_and_cosine_both_provide_the_schedule_so_they_conflict():
 
 def test_bad_fractions_are_a_one_line_error(tmp_path):
     with pytest.raises(tricks.TricksError, match="fractions"):
-        tricks.run(plugins=["step"], set=["step.fractions=[1.5]"], epochs=1, out=tmp_path / "run", **TINY)
+        tiny_run(plugins=["step"], set=["step.fractions=[1.5]"], out=tmp_path / "run")
     with pytest.raises(Exception, match="gamma"):
         StepSettings(gamma=0)

@@ -3,21 +3,14 @@ equal to timm's scheduler with the matching option), and the wrapping in a run."
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 import tricks
+from tricks.testing import tiny_run
 from tricks_cosine import cosine_lr
 from tricks_step import step_lr
 from tricks_warmup import Warmup, WarmupSettings, warmup_factor, with_warmup
-
-TINY = dict(model="resnet8", batch_size=32, train_limit=256, val_limit=128)  # 8 steps an epoch
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def constant(step, total, base):
@@ -81,21 +74,21 @@ def test_unknown_mode_is_refused():
 
 def test_in_a_run_it_wraps_the_schedule_in_force(tmp_path):
     # 4 epochs of 8 steps; warmup of 1 epoch (8 steps) in front of cosine over the other 24
-    tricks.run(plugins=["cosine", "warmup"], set=["warmup.epochs=1"], epochs=4, out=tmp_path / "run", **TINY)
-    lrs = [r["lr"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
+    run = tiny_run(plugins=["cosine", "warmup"], set=["warmup.epochs=1"], epochs=4, out=tmp_path / "run")
+    lrs = [r["lr"] for r in run.metrics()]
     expected = [0.1 * 7 / 8] + [cosine_lr(s - 8, 24, 0.1) for s in (15, 23, 31)]
     assert lrs == pytest.approx(expected)
 
 
 def test_warmup_in_steps_wraps_the_constant_rate(tmp_path):
-    tricks.run(plugins=["warmup"], set=["warmup.steps=12"], epochs=2, out=tmp_path / "run", **TINY)
-    lrs = [r["lr"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
+    run = tiny_run(plugins=["warmup"], set=["warmup.steps=12"], epochs=2, out=tmp_path / "run")  # 8 steps an epoch
+    lrs = [r["lr"] for r in run.metrics()]
     assert lrs == pytest.approx([0.1 * 7 / 12, 0.1])
 
 
 def test_a_warmup_as_long_as_the_run_is_a_one_line_error(tmp_path):
     with pytest.raises(tricks.TricksError, match=r"warmup of 16 steps .* shorten it"):
-        tricks.run(plugins=["warmup"], set=["warmup.epochs=2"], epochs=2, out=tmp_path / "run", **TINY)
+        tiny_run(plugins=["warmup"], set=["warmup.epochs=2"], epochs=2, out=tmp_path / "run")
 
 
 def test_settings_validate():

@@ -13,7 +13,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import tricks
-from tricks_zero_gamma import ZeroGamma, find_residual_blocks, last_norms, register_handler, zero_gamma
+from tricks.blocks import BlockFamily, register_block_family, unregister_block_family
+from tricks.testing import tiny_run
+from tricks_zero_gamma import ZeroGamma, find_residual_blocks, last_norms, zero_gamma
 
 
 def timm_model(name, **kwargs):
@@ -213,15 +215,13 @@ def test_an_unknown_block_is_not_a_residual_block_until_registered():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), _Block(8), _Block(8))
     with pytest.raises(tricks.TricksError):
         zero_gamma(model)
-    register_handler(_Block, lambda b: [b.nb])
+    register_block_family(BlockFamily("test block", (_Block,), last_norms=lambda b: [b.nb]))
     try:
         blocks = zero_gamma(model)
         assert [b.name for b in blocks] == ["1", "2"]
         assert not model[1].nb.weight.any() and model[1].na.weight.all()
     finally:
-        from tricks_zero_gamma import _HANDLERS
-
-        del _HANDLERS[_Block]
+        unregister_block_family("test block")
 
 
 def test_a_block_with_zero_init_last_is_found_by_what_the_method_zeroes():
@@ -269,11 +269,13 @@ class _PlainCNN(tricks.Plugin):
 
 def test_a_run_on_a_plain_cnn_fails_with_a_one_line_error(tmp_path):
     with pytest.raises(tricks.TricksError, match=r"Sequential.*residual") as error:
-        tricks.run(plugins=["zero_gamma", _PlainCNN()], epochs=1, out=tmp_path / "run", train_limit=64, val_limit=32)
+        tiny_run(plugins=["zero_gamma", _PlainCNN()], out=tmp_path / "run")
     assert "\n" not in str(error.value)
 
 
-class _Watch(tricks.Plugin):
+class _Gammas(tricks.Plugin):
+    """Records the last BN gamma of every block of the CIFAR ResNet when training starts."""
+
     def __init__(self):
         super().__init__()
         self.gammas = None
@@ -292,12 +294,12 @@ class _Logs(tricks.Reporter):
 
 
 def test_a_run_starts_from_zero_gamma_and_logs_the_count(tmp_path):
-    watch, logs = _Watch(), _Logs()
-    summary = tricks.run(plugins=["zero_gamma", watch], epochs=1, out=tmp_path / "run", model="resnet8",
-                         batch_size=32, train_limit=256, val_limit=128, reporter=logs)
-    assert summary["status"] == "complete" and math.isfinite(summary["final_val_loss"])
+    watch, logs = _Gammas(), _Logs()
+    run = tiny_run(plugins=["zero_gamma", watch], out=tmp_path / "run", reporter=logs)
     assert len(watch.gammas) == 3 and all(not g.any() for g in watch.gammas)
     assert any("zero_gamma" in line and "3 residual blocks" in line for line in logs.lines), logs.lines
+    [row] = run.metrics()
+    assert math.isfinite(row["train_loss"]) and math.isfinite(row["val_loss"])
 
 
 def test_the_plugin_has_no_settings_to_get_wrong():

@@ -23,6 +23,14 @@ def _file_mode() -> int:
 _MODE = _file_mode()
 
 
+def _fsync(path: Path | str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic(path: Path, write: Callable[[Any], None], mode: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,11 +48,7 @@ def _atomic(path: Path, write: Callable[[Any], None], mode: str) -> None:
         except FileNotFoundError:
             pass
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    _fsync(path.parent)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -66,16 +70,19 @@ def torch_save(obj: Any, path: Path) -> None:
 
 
 def write_with(path: Path, save: Callable[[str], None]) -> None:
-    """Atomically write a file produced by ``save(filename)`` (e.g. matplotlib's savefig)."""
+    """Atomically write a file produced by ``save(filename)`` (e.g. matplotlib's savefig): the
+    temporary file is synced before the rename, and the folder after it, as for the others."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
     try:
         save(tmp)
+        _fsync(tmp)
         os.chmod(tmp, _MODE)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync(path.parent)

@@ -1,0 +1,191 @@
+"""What the commands print while they work: a live progress display for people, JSON lines or
+nothing for scripts. Each class implements the reporter protocol of the core call it is handed to
+(``tricks.run``, ``tricks.ablate.ablate``, the regnet plugin's sampling job)."""
+
+from __future__ import annotations
+
+import json
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+
+def _progress(console: Console, *extra, transient: bool = True, disable: bool = False) -> Progress:
+    """A bar with done/total, elapsed and remaining time, then the ``extra`` columns."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), *extra, console=console, transient=transient, disable=disable)
+
+
+class RichReporter:
+    """A live progress bar per epoch, a line per finished epoch, the table at the end (``tricks run``)."""
+
+    def __init__(self, console: Console):
+        self.console, self.rows = console, []
+        self.progress = _progress(console, TextColumn("{task.fields[loss]}"))
+        self.task = None
+
+    def start(self, ctx):
+        self.ctx = ctx
+        self.every = ctx.core.log_every
+        if ctx.start_epoch:
+            self.console.print(f"resuming {ctx.run_dir} at epoch {ctx.start_epoch + 1}/{ctx.epochs}")
+        self.progress.start()
+
+    def epoch_start(self, epoch, steps):
+        self.task = self.progress.add_task(f"epoch {epoch + 1}/{self.ctx.epochs}", total=steps, loss="")
+
+    def step(self, index, loss):
+        if index % self.every == 0:
+            self.progress.update(self.task, advance=1, loss=f"loss {loss.item():.4f}")
+        else:
+            self.progress.update(self.task, advance=1)
+
+    def epoch_end(self, row):
+        self.progress.remove_task(self.task)
+        self.rows.append(row)
+        self.console.print(f"epoch {row['epoch']:>3}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
+                           f"val_acc {100 * row['val_acc']:.2f}%  lr {row['lr']:.4g}  {row['epoch_seconds']:.1f}s")
+
+    def finish(self, summary):
+        self.progress.stop()
+        table = Table(title="epochs")
+        for col in ("epoch", "train_loss", "val_loss", "val_acc", "lr", "seconds", "images/s"):
+            table.add_column(col, justify="right")
+        for r in self.rows:
+            table.add_row(str(r["epoch"]), f"{r['train_loss']:.4f}", f"{r['val_loss']:.4f}", f"{100 * r['val_acc']:.2f}%",
+                          f"{r['lr']:.4g}", f"{r['epoch_seconds']:.1f}", f"{r['images_per_second']:.0f}")
+        if self.rows:
+            self.console.print(table)
+        self.console.print(f"final val_acc {100 * summary['final_val_acc']:.2f}%  best {100 * summary['best_val_acc']:.2f}% "
+                           f"(epoch {summary['best_epoch']})")
+        self.console.print(f"run directory: {summary['run_dir']}")
+
+    def log(self, message):
+        self.console.print(message)
+
+
+class JsonReporter:
+    """One JSON object per finished epoch on stdout, then the summary (``tricks run --json``)."""
+
+    def start(self, ctx): ...
+    def epoch_start(self, epoch, steps): ...
+    def step(self, index, loss): ...
+    def log(self, message): ...
+
+    def epoch_end(self, row):
+        print(json.dumps({"event": "epoch", **row}), flush=True)
+
+    def finish(self, summary):
+        print(json.dumps({"event": "summary", **summary}), flush=True)
+
+
+class QuietReporter(JsonReporter):
+    """Nothing but the run directory at the end (``tricks run --quiet``)."""
+
+    def epoch_end(self, row): ...
+
+    def finish(self, summary):
+        print(summary["run_dir"], flush=True)
+
+
+class AblationProgress:
+    """A bar over the ablation's runs and one over the epochs of the run in progress; a line per
+    finished run, the table at the end (``tricks ablate``)."""
+
+    def __init__(self, console: Console, quiet: bool = False):
+        self.console, self.quiet = console, quiet
+        self.progress = _progress(console, disable=quiet)
+        self.runs = self.epochs = None
+
+    def start(self, runs, done):
+        self.progress.start()
+        self.runs = self.progress.add_task("runs", total=runs, completed=done)
+        if done and not self.quiet:
+            self.console.print(f"{done} of {runs} runs already finished; continuing")
+
+    def run_start(self, index, config, seed, resuming):
+        import tricks
+
+        outer = self
+
+        class EpochBar(tricks.Reporter):
+            def start(self, ctx):
+                outer.epochs = outer.progress.add_task(escape(f"{config.label} seed {seed}"), total=ctx.epochs,
+                                                       completed=ctx.start_epoch)
+
+            def epoch_end(self, row):
+                outer.progress.update(outer.epochs, advance=1)
+
+            def log(self, message):
+                pass
+
+        return EpochBar()
+
+    def run_end(self, index, result):
+        if self.epochs is not None:
+            self.progress.remove_task(self.epochs)
+            self.epochs = None
+        self.progress.update(self.runs, advance=1)
+        if not self.quiet:
+            self.console.print(f"{result.configuration:<40} seed {result.seed}:  final {100 * result.final_val_acc:.2f}%  "
+                               f"best {100 * result.best_val_acc:.2f}%  {result.seconds:.0f}s", markup=False, highlight=False)
+
+    def finish(self, rows, out):
+        self.progress.stop()
+        if not self.quiet:
+            table = Table(title="ablation: validation accuracy (%), mean ± sd over seeds", show_edge=False)
+            table.add_column("configuration", overflow="fold")
+            for col in ("seeds", "final", "best", "Δ final", "Δ best", "s/run"):  # numbers are never wrapped
+                table.add_column(col, justify="right", no_wrap=True)
+            for r in rows:
+                table.add_row(Text(r["configuration"]), str(r["seeds"]), f"{r['final_acc']:.2f} ± {r['final_sd']:.2f}",
+                              f"{r['best_acc']:.2f} ± {r['best_sd']:.2f}", f"{r['delta_final']:+.2f}",
+                              f"{r['delta_best']:+.2f}", f"{r['seconds']:.0f}")
+            self.console.print(table)
+        self.console.print(f"ablation directory: {out} (table.md, table.csv, results.csv, chart.png)")
+
+
+class RichSweepProgress:
+    """Networks done out of n, running, failed and the best error so far; a line per network
+    (the regnet plugin's ``tricks sample``)."""
+
+    def __init__(self, console: Console, quiet: bool = False):
+        self.console, self.quiet = console, quiet
+        self.progress = _progress(console, TextColumn("running {task.fields[running]}  failed {task.fields[failed]}  "
+                                                      "best {task.fields[best]}"), transient=False, disable=quiet)
+        self.running = 0
+        self.failed = 0
+        self.best = None
+
+    def _fields(self):
+        return dict(running=self.running, failed=self.failed,
+                    best="-" if self.best is None else f"{self.best:.2f}%")
+
+    def start(self, job, total, done, failed, best):
+        self.failed, self.best = failed, best
+        self.progress.start()
+        self.task = self.progress.add_task(escape(job.space.name), total=total, completed=done, **self._fields())
+        if done and not self.quiet:
+            self.console.print(f"{done} of {total} networks already have a result; continuing")
+
+    def model_start(self, task):
+        self.running += 1
+        self.progress.update(self.task, **self._fields())
+
+    def model_end(self, result):
+        self.running = max(0, self.running - 1)
+        if result["status"] == "ok":
+            self.best = result["error"] if self.best is None else min(self.best, result["error"])
+            line = f"{result['id']}  error {result['error']:.2f}%  best epoch {result['best_error']:.2f}%  {result['time_s']:.0f}s"
+        else:
+            self.failed += 1
+            line = f"{result['id']}  failed: {result.get('message', '')}"
+        if not self.quiet:
+            self.progress.console.print(line, markup=False, highlight=False)
+        self.progress.update(self.task, advance=1, **self._fields())
+
+    def finish(self, summary):
+        self.progress.stop()
