@@ -149,8 +149,8 @@ def run(
         raise TricksError("--resume continues a run with its own config; drop --config (flags and --set still apply)")
     if resume is not None and out is not None and out != resume:
         raise TricksError("--resume writes into the run directory it continues; drop --out")
-    if resume is not None and not (resume / "config.yaml").exists():
-        raise TricksError(f"{resume} holds no run (no config.yaml); start one with --out {resume}")
+    if resume is not None and not tricks.RunDir(resume).has_run():
+        raise TricksError(f"{resume} holds no run (no {tricks.RunDir.CONFIG}); start one with --out {resume}")
     if json_out and quiet:
         raise TricksError("choose one of --json and --quiet")
     rank = int(os.environ.get("RANK", "0"))

@@ -95,6 +95,8 @@ def parse_grid(items: list[str] | None) -> list[tuple[str, list[str]]]:
     """``--grid plugin.key=v1,v2,...`` items -> ``[("plugin.key", ["v1", "v2", ...]), ...]``."""
     grid: list[tuple[str, list[str]]] = []
     for item in items or []:
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise TricksError(f"--grid {item!r}: expected plugin.key=v1,v2,..., e.g. --grid mixup.alpha=0.2,0.4,1.0")
         section, name, _ = parse_set(item)
         raw = item.split("=", 1)[1]
         values = [v.strip() for v in raw.split(",") if v.strip()]

@@ -15,6 +15,7 @@ from .config import CoreSettings, RunConfig, read_recipe, resolve
 from .errors import TricksError
 from .loop import Reporter, train
 from .plugin import Plugin
+from .rundir import RunDir
 
 
 def run(
@@ -40,8 +41,8 @@ def run(
     if unknown:
         raise TricksError(f"unknown core setting '{unknown[0]}'; core accepts: {', '.join(CoreSettings.model_fields)}")
     if resume is not None:
-        if not (Path(resume) / "config.yaml").exists():
-            raise TricksError(f"{resume} holds no run (no config.yaml); start one with out={resume}")
+        if not RunDir(resume).has_run():
+            raise TricksError(f"{resume} holds no run (no {RunDir.CONFIG}); start one with out={resume}")
         config = read_recipe(resume) if config is None else config
         out = resume
     if not isinstance(config, RunConfig):

@@ -177,6 +177,8 @@ def write_plan(job: Job) -> None:
 
 def lock(out: Path):
     """Hold ``OUT/.lock`` while the job runs; another job on the same folder is refused."""
+    if out.exists() and not out.is_dir():
+        raise TricksError(f"--out {out} is a file, not a folder for the job; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     handle = open(out / ".lock", "w")
     try:

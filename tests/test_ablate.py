@@ -145,7 +145,7 @@ def test_a_grid_row_is_compared_with_the_baseline_at_the_same_grid_values():
 
 
 @pytest.mark.parametrize("grid, fragments", [
-    (["mixup.alpha"], ["expected section.key=value"]),
+    (["mixup.alpha"], ["--grid 'mixup.alpha'", "expected plugin.key=v1,v2"]),
     (["mixup.alpha="], ["give the values to try"]),
     (["mixup.alpha=0.2,0.2"], ["named twice"]),
     (["mixup.alpha=0.2", "mixup.alpha=0.4"], ["'mixup.alpha' twice", "one --grid"]),

@@ -104,6 +104,9 @@ def test_a_continued_job_must_be_the_same_plan_and_one_job_holds_a_folder(tmp_pa
         run_job(Job(out, "test", [Item("a", recipe(lr=0.2))]))
     with pytest.raises(TricksError, match="holds a 'test' job, not an other"):
         run_job(Job(out, "other", [Item("a", recipe())]))
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(TricksError, match="is a file, not a folder"):
+        run_job(Job(tmp_path / "a_file", "test", [Item("a", recipe())]))
     held = lock(out)
     try:
         with pytest.raises(TricksError, match="another job is running in"):

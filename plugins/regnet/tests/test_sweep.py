@@ -167,3 +167,27 @@ def test_dry_run_prints_the_networks_and_writes_nothing(tmp_path, space_file):
     assert code == 0, err
     assert "tiny: 4 networks at 8x8 (cifar stem, 10 classes)" in stdout
     assert all(f"000{i}" in stdout for i in range(4)) and not out.exists()
+
+
+def test_the_cli_and_sample_job_plan_the_same_job(tmp_path, space_file, monkeypatch):
+    """``sample_job`` from Python trains exactly what ``tricks sample`` trains, the device's
+    defaults included (bf16 and channels_last where CUDA is seen)."""
+    import torch
+
+    from tricks_regnet import sweep
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    planned = []
+    monkeypatch.setattr(sweep, "run", lambda job, *args, **kwargs: planned.append(job) or
+                        {"ok": 0, "n": job.n, "failed": 0, "min_error": None})
+    flags = [f for f in CLI_RECIPE if f not in ("--device", "cpu")]
+    code, _, err = cli_in_process("sample", "--space", str(space_file), "--n", "3", "--flops", ":1M",
+                                  "--out", str(tmp_path / "cli"), "--plugins", "cosine", *flags)
+    assert code == 0, err
+    recipe = {k: v for k, v in RECIPE.items() if k != "device"}
+    sample_job(tmp_path / "python", str(space_file), 3, window=sweep.Window.parse(":1M", None, None),
+               plugins="cosine", overrides=recipe)
+    cli, python = planned
+    assert cli.recipe == python.recipe
+    assert (cli.recipe["core"]["precision"], cli.recipe["core"]["channels_last"]) == ("bf16", True)
+    assert [s.to_dict() for s in cli.samples] == [s.to_dict() for s in python.samples]
