@@ -335,9 +335,7 @@ def ablate(
 
     class Progress(JobProgress):
         def start(self, job, total, done, failed):
-            for r in job.results().values():
-                if collect(r) is not None:
-                    results.append(collect(r))
+            results.extend(r for r in map(collect, job.results().values()) if r is not None)
             reporter.start(total, done)
             write_results(job.out, configs, results, title, grid_keys)
 

@@ -461,8 +461,8 @@ def run_job(job: Job, *, device: str | None = None, gpus: str | None = None, per
 
 
 def _task(job: Job, item: Item, device: str, extra_plugins: list | None) -> dict:
-    inputs = {setting: str((job.out / next(i.run_dir for i in job.items if i.id == source)).resolve())
-              for setting, source in item.inputs.items()}
+    run_dirs = {i.id: i.run_dir for i in job.items}
+    inputs = {setting: str((job.out / run_dirs[source]).resolve()) for setting, source in item.inputs.items()}
     return {"id": item.id, "recipe": item.recipe, "run_dir": item.run_dir, "run_path": str(job.out / item.run_dir),
             "inputs": inputs, "device": device, "extra_plugins": extra_plugins}
 
