@@ -25,7 +25,7 @@ from typer.core import TyperCommand, TyperGroup
 from tricks.cli import options
 from tricks.cli.compare import compare
 from tricks.cli.options import SectionedCommand, core_options
-from tricks.errors import PluginHookError, TricksError
+from tricks.errors import Diverged, PluginHookError, TricksError
 
 PLUGIN_SECTION = "Commands from plugins"
 
@@ -199,22 +199,27 @@ def ablate(
     Writes OUT/table.md and table.csv (per configuration: mean and spread of the final and best
     validation accuracy over seeds, delta against the baseline, time), results.csv (per run),
     chart.png, and every run under OUT/runs/. Interrupted ablations resume where they stopped
-    when the same command is run again; finished runs are not repeated.
+    when the same command is run again; finished runs are not repeated. A run whose loss became
+    non-finite shows as "diverged" in the tables, is left out of the comparison with the baseline,
+    and is never trained again. Runs that failed are recorded, the others go on, and the command
+    then exits non-zero naming the first.
     """
     from tricks.ablate import ablate as run_ablation
     from tricks.config import read_recipe
 
-    from .reporters import AblationProgress
+    from .reporters import AblationProgress, exit_if_failed
 
     if cumulative and both:
         raise TricksError("choose one of --cumulative and --both")
     mode = "both" if both else "cumulative" if cumulative else "alone"
     names = [p.strip() for p in plugins.split(",") if p.strip()]
     base_names = [p.strip() for p in (base or "").split(",") if p.strip()]
+    reporter = AblationProgress(console, quiet)
     run_ablation(names, mode=mode, seeds=seeds, base=base_names, all_together=all_together, grid=list(grid or []),
                  recipe=read_recipe(config) if config else None, overrides=core, sets=set_, out=out,
-                 registries=registry, reporter=AblationProgress(console, quiet), gpus=gpus, per_gpu=per_gpu,
+                 registries=registry, reporter=reporter, gpus=gpus, per_gpu=per_gpu,
                  backend=backend, address=address, retry_failed=retry_failed)
+    exit_if_failed(reporter.failures, "runs of the ablation", err_console)
 
 
 def _catalog(registry):
@@ -230,28 +235,59 @@ app.command("compare")(compare)
 def plugins_list(
     registry: Optional[List[Path]] = typer.Option(None, "--registry", help="An extra registry file (repeatable)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    no_import: bool = typer.Option(False, "--no-import", help="Describe third-party plugins from their distribution's "
+                                   "metadata only: import nothing (their hooks are not shown)."),
 ):
     """Every plugin in the registry and every installed third-party plugin.
 
+    Registered plugins are described from the registry, without importing them. A third-party
+    plugin (installed, not in the registry) is imported to read its hooks and description from its
+    class, so its module's import-time code runs; --no-import lists it from its distribution's
+    metadata instead. A plugin that fails to import is listed with its error (category 'broken')
+    and the others are listed all the same; a note on stderr names it, and the exit status is 0.
+
     On a terminal: a table. Through a pipe: one plugin per line, tab-separated: name, installed
     (yes/no), version, hooks (comma-separated), category, summary; '-' where there is nothing.
+    With --json, each plugin's 'error' says why it is broken (null when it is not).
     """
-    rows = plugin_rows(_catalog(registry))
+    catalog = _catalog(registry)
+    rows = plugin_rows(catalog, imports=not no_import)
     if json_out:
         print(json.dumps(rows, indent=2))
     else:
         print_plugins(rows, console)
+    broken = [r["name"] for r in rows if r["error"]]
+    notes = [*(f"plugin '{n}' is broken: see its row" for n in broken), *getattr(catalog, "problems", [])]
+    for note in notes:
+        err_console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
 
 
-def plugin_rows(catalog) -> list[dict]:
-    """One dict per plugin, sorted by name: what ``plugins list`` shows."""
+def _dist_summary(info) -> str:
+    """The one-line summary of a plugin's installed distribution, read from its metadata."""
+    try:
+        return " ".join(str(info.entry_point.dist.metadata["Summary"] or "").split())
+    except Exception:  # no distribution or unreadable metadata: no summary
+        return ""
+
+
+def plugin_rows(catalog, imports: bool = True) -> list[dict]:
+    """One dict per plugin, sorted by name: what ``plugins list`` shows. A third-party plugin is
+    imported to describe it (not with ``imports=False``); one that fails to is a row of its own
+    with category 'broken', its error as summary and in 'error'."""
     rows = []
     for name in sorted(catalog.plugins):
         info = catalog.plugins[name]
-        rows.append({"name": name, "installed": info.installed, "version": info.version,
-                     "third_party": info.third_party, "hooks": info.hooks,
-                     "category": info.meta("category") if (info.entry or info.installed) else "",
-                     "summary": info.summary})
+        row = {"name": name, "installed": info.installed, "version": info.version, "third_party": info.third_party,
+               "hooks": [], "category": "", "summary": "", "error": None}
+        try:
+            if info.third_party and not imports:
+                row.update(category="third-party", summary=_dist_summary(info))
+            else:
+                row.update(hooks=list(info.hooks), summary=str(info.summary or ""),
+                           category=str(info.meta("category") or "") if (info.entry or info.installed) else "")
+        except TricksError as error:
+            row.update(hooks=[], category="broken", summary=str(error), error=str(error))
+        rows.append(row)
     return rows
 
 
@@ -291,7 +327,11 @@ def plugins_show(
     name: str = typer.Argument(..., help="The plugin's short name."),
     registry: Optional[List[Path]] = typer.Option(None, "--registry", help="An extra registry file (repeatable)."),
 ):
-    """A plugin's settings (type, default, description), paper, conflicts and order."""
+    """A plugin's settings (type, default, description), paper, conflicts and order.
+
+    An installed plugin is imported to read its settings (its module's import-time code runs);
+    one that fails to import is a one-line error with the command that reinstalls it.
+    """
     from tricks.registry import EXCLUSIVE
 
     catalog = _catalog(registry)
@@ -360,12 +400,39 @@ def version():
             console.print(f"  {name} {info.version}")
 
 
-def main() -> None:
+def _click_exceptions():
+    """The click exceptions typer raises: its own copy of click where it vendors one."""
     try:
-        app()
+        from typer._click import exceptions
+    except ImportError:  # a typer that uses click itself
+        from click import exceptions
+    return exceptions
+
+
+def main() -> None:
+    click = _click_exceptions()
+
+    try:
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:  # click's own exits (--help, --version) come back as a code
+            sys.exit(code)
+    except click.UsageError as error:
+        # A flag of the wrong type, a missing argument, an unknown option: one line, with the
+        # command's help to read, instead of click's usage block.
+        path = error.ctx.command_path.split()[1:] if error.ctx is not None else []
+        command = " ".join(["tricks", *[p for p in path if p not in ("-m", "tricks.cli.main")]])
+        err_console.print(f"error: {error.format_message()} (see {command} --help)", markup=False, highlight=False,
+                          soft_wrap=True)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        err_console.print("error: interrupted", markup=False, highlight=False)
+        sys.exit(130)
     except TricksError as error:
         err_console.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
+    except Diverged as error:
+        err_console.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(error.exit_code)
     except PluginHookError as error:
         if os.environ.get("TRICKS_DEBUG"):
             raise

@@ -163,5 +163,6 @@ def address_option():
 
 
 def retry_failed_option():
-    return typer.Option(False, "--retry-failed", help="Train the runs that failed before again.",
+    return typer.Option(False, "--retry-failed", help="Train the runs that failed before again (diverged runs are kept: with "
+                        "the same seed and settings they diverge again; change the settings, in another --out, to train them otherwise).",
                         rich_help_panel=JOB_PANEL)

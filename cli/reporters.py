@@ -5,6 +5,7 @@ nothing for scripts. Each class implements the reporter protocol of the core cal
 from __future__ import annotations
 
 import json
+import math
 
 from rich.console import Console
 from rich.markup import escape
@@ -99,6 +100,7 @@ class AblationProgress:
         self.console, self.quiet = console, quiet
         self.progress = _progress(console, disable=quiet)
         self.runs = self.epochs = None
+        self.failures: list[str] = []  # "configuration seed N: message" of every run that failed
 
     def start(self, runs, done):
         self.progress.start()
@@ -124,14 +126,29 @@ class AblationProgress:
 
         return EpochBar()
 
-    def run_end(self, index, result):
+    def _done(self) -> None:
         if self.epochs is not None:
             self.progress.remove_task(self.epochs)
             self.epochs = None
         self.progress.update(self.runs, advance=1)
+
+    def run_end(self, index, result):
+        self._done()
         if not self.quiet:
             self.console.print(f"{result.configuration:<40} seed {result.seed}:  final {100 * result.final_val_acc:.2f}%  "
                                f"best {100 * result.best_val_acc:.2f}%  {result.seconds:.0f}s", markup=False, highlight=False)
+
+    def run_failed(self, index, config, seed, message):
+        self._done()
+        self.failures.append(f"{config.label} seed {seed}: {message}")
+        if not self.quiet:
+            self.console.print(f"{config.label:<40} seed {seed}:  failed: {message}", markup=False, highlight=False)
+
+    def run_diverged(self, index, result):
+        self._done()
+        if not self.quiet:
+            self.console.print(f"{result.configuration:<40} seed {result.seed}:  diverged: {result.message}",
+                               markup=False, highlight=False)
 
     def finish(self, rows, out):
         self.progress.stop()
@@ -141,11 +158,30 @@ class AblationProgress:
             for col in ("seeds", "final", "best", "Δ final", "Δ best", "s/run"):  # numbers are never wrapped
                 table.add_column(col, justify="right", no_wrap=True)
             for r in rows:
-                table.add_row(Text(r["configuration"]), str(r["seeds"]), f"{r['final_acc']:.2f} ± {r['final_sd']:.2f}",
-                              f"{r['best_acc']:.2f} ± {r['best_sd']:.2f}", f"{r['delta_final']:+.2f}",
-                              f"{r['delta_best']:+.2f}", f"{r['seconds']:.0f}")
+                seeds = str(r["seeds"]) + (f" + {r['diverged']} diverged" if r.get("diverged") else "")
+                table.add_row(Text(r["configuration"]), seeds, _mean_sd(r, "final_acc", "final_sd"),
+                              _mean_sd(r, "best_acc", "best_sd"), _signed(r.get("delta_final")),
+                              _signed(r.get("delta_best")), _number(r.get("seconds"), "{:.0f}"))
             self.console.print(table)
         self.console.print(f"ablation directory: {out} (table.md, table.csv, results.csv, chart.png)")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _number(value, form: str) -> str:
+    return form.format(value) if _finite(value) else "–"
+
+
+def _signed(value) -> str:
+    return _number(value, "{:+.2f}")
+
+
+def _mean_sd(row: dict, mean: str, sd: str) -> str:
+    if not _finite(row.get(mean)):
+        return "diverged" if row.get("status") == "diverged" else "–"
+    return f"{row[mean]:.2f} ± {row[sd]:.2f}" if _finite(row.get(sd)) else f"{row[mean]:.2f}"
 
 
 class RichSweepProgress:
@@ -155,17 +191,19 @@ class RichSweepProgress:
     def __init__(self, console: Console, quiet: bool = False):
         self.console, self.quiet = console, quiet
         self.progress = _progress(console, TextColumn("running {task.fields[running]}  failed {task.fields[failed]}  "
-                                                      "best {task.fields[best]}"), transient=False, disable=quiet)
+                                                      "diverged {task.fields[diverged]}  best {task.fields[best]}"), transient=False, disable=quiet)
         self.running = 0
         self.failed = 0
+        self.diverged = 0
         self.best = None
+        self.failures: list[str] = []  # "ID: message" of every network that failed
 
     def _fields(self):
-        return dict(running=self.running, failed=self.failed,
+        return dict(running=self.running, failed=self.failed, diverged=self.diverged,
                     best="-" if self.best is None else f"{self.best:.2f}%")
 
-    def start(self, job, total, done, failed, best):
-        self.failed, self.best = failed, best
+    def start(self, job, total, done, failed, best, diverged=0):
+        self.failed, self.best, self.diverged = failed, best, diverged
         self.progress.start()
         self.task = self.progress.add_task(escape(job.space.name), total=total, completed=done, **self._fields())
         if done and not self.quiet:
@@ -180,8 +218,12 @@ class RichSweepProgress:
         if result["status"] == "ok":
             self.best = result["error"] if self.best is None else min(self.best, result["error"])
             line = f"{result['id']}  error {result['error']:.2f}%  best epoch {result['best_error']:.2f}%  {result['time_s']:.0f}s"
+        elif result["status"] == "diverged":
+            self.diverged += 1
+            line = f"{result['id']}  diverged: {result.get('message', '')}"
         else:
             self.failed += 1
+            self.failures.append(f"{result['id']}: {result.get('message', '')}")
             line = f"{result['id']}  failed: {result.get('message', '')}"
         if not self.quiet:
             self.progress.console.print(line, markup=False, highlight=False)
@@ -189,3 +231,18 @@ class RichSweepProgress:
 
     def finish(self, summary):
         self.progress.stop()
+
+
+def exit_if_failed(failures: list[str], what: str, console: Console) -> None:
+    """End a job command whose items failed: one line on stderr naming the first failure and the
+    way on, exit status 2 when every failure was bad input (a TricksError), else 1. Diverged
+    runs are results, not failures."""
+    import sys
+
+    if not failures:
+        return
+    others = f" (and {len(failures) - 1} more, each in its run's error.txt)" if len(failures) > 1 else ""
+    console.print(f"error: {len(failures)} {what} failed; first {failures[0]}{others}; the rest of the job is "
+                  "recorded: fix the cause and run the same command again with --retry-failed",
+                  markup=False, highlight=False, soft_wrap=True)
+    sys.exit(2 if all("TricksError: " in f for f in failures) else 1)

@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 from pydantic import Field  # noqa: E402
 
 from .config import CoreSettings, RunConfig, resolve  # noqa: E402
-from .errors import PluginHookError, TricksError  # noqa: E402
+from .errors import Diverged, PluginHookError, TricksError  # noqa: E402
 from .hookspecs import hookimpl  # noqa: E402
 from .plugin import Plugin, Settings  # noqa: E402
 from .rundir import RunDir  # noqa: E402
@@ -29,6 +29,6 @@ def __getattr__(name):
 
 
 __all__ = [
-    "__version__", "hookimpl", "Plugin", "Settings", "Field", "TricksError", "PluginHookError",
+    "__version__", "hookimpl", "Plugin", "Settings", "Field", "TricksError", "PluginHookError", "Diverged",
     "CoreSettings", "RunConfig", "RunDir", "resolve", "Reporter", "RunContext", "run",
 ]

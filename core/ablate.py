@@ -11,6 +11,13 @@ An ablation is a job (:mod:`tricks.jobs`): its directory holds ``job.json`` (the
 seeds, delta against the baseline at the same grid point, time) and ``chart.png``. The tables are
 rewritten atomically after every run. Running the same ablation again continues it with the
 engine's resume policy: finished runs are kept, an interrupted one resumes from its checkpoint.
+
+A run whose training loss became non-finite is ``diverged``: its row in ``results.csv`` says so
+and has no figures; a configuration's figures are over its seeds that finished, its ``status`` in
+``table.csv`` is ``diverged`` (every seed) or ``partly diverged``, ``table.md`` shows "diverged"
+where there is no figure, and its comparison with the baseline (or the comparison of every row
+with a baseline that diverged) is left out, with a note under ``table.md``. A diverged run is not
+trained again, ``--retry-failed`` or not.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from typing import Any
 from . import atomic
 from .config import CORE, parse_set, read_recipe, resolve
 from .errors import TricksError
-from .jobs import Item, Job, JobProgress, run_job
+from .jobs import Item, Job, JobProgress, check_writable, run_job
 from .registry import Catalog
 
 MODES = ("alone", "cumulative", "both")
@@ -130,6 +137,9 @@ def expand(configs: list[Configuration], grid: list[tuple[str, list[str]]]) -> l
 
 @dataclass
 class RunResult:
+    """One run of the ablation: finished (``ok``) or ``diverged`` (its figures are NaN; ``message``
+    says where its loss became non-finite)."""
+
     configuration: str
     slug: str
     seed: int
@@ -138,6 +148,8 @@ class RunResult:
     final_val_loss: float
     seconds: float
     run_dir: str
+    status: str = "ok"
+    message: str = ""
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -146,52 +158,90 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 
 
 def summarize(configs: list[Configuration], results: list[RunResult]) -> list[dict]:
-    """One row per configuration with finished runs: accuracy in %, mean and sample standard
-    deviation over seeds, and the difference of the means from the baseline's."""
-    rows, points = [], []
+    """One row per configuration with finished or diverged runs: accuracy in %, mean and sample
+    standard deviation over the seeds that finished (NaN where none did), how many diverged
+    (``diverged``, ``status``: ok, partly diverged, diverged), and the difference of the means
+    from the baseline's at the same grid point (NaN, with a ``note``, where either of them has a
+    diverged seed or there is no baseline)."""
+    rows, used = [], []
     for c in configs:
         mine = [r for r in results if r.slug == c.slug]
         if not mine:
             continue
-        final, final_sd = _mean_sd([100 * r.final_val_acc for r in mine])
-        best, best_sd = _mean_sd([100 * r.best_val_acc for r in mine])
-        rows.append(dict(configuration=c.label, plugins=" ".join(c.plugins) or "-", **c.point, seeds=len(mine),
-                         final_acc=final, final_sd=final_sd, best_acc=best, best_sd=best_sd,
-                         seconds=statistics.fmean(r.seconds for r in mine)))
-        points.append(c.point)
+        done = [r for r in mine if r.status == "ok"]
+        lost = [r for r in mine if r.status != "ok"]
+        nan2 = (math.nan, math.nan)
+        final, final_sd = _mean_sd([100 * r.final_val_acc for r in done]) if done else nan2
+        best, best_sd = _mean_sd([100 * r.best_val_acc for r in done]) if done else nan2
+        status = "ok" if not lost else "diverged" if not done else "partly diverged"
+        rows.append(dict(configuration=c.label, plugins=" ".join(c.plugins) or "-", **c.point, seeds=len(done),
+                         diverged=len(lost), status=status, final_acc=final, final_sd=final_sd, best_acc=best,
+                         best_sd=best_sd, seconds=statistics.fmean(r.seconds for r in done) if done else math.nan,
+                         note=_diverged_note(lost, len(mine))))
+        used.append(c)
     baseline = configs[0].base or configs[0].slug
-    bases = [(c.point, r) for c, r in zip([c for c in configs if any(x.slug == c.slug for x in results)], rows)
-             if (c.base or c.slug) == baseline]
-    for point, r in zip(points, rows):
+    bases = [(c.point, r) for c, r in zip(used, rows) if (c.base or c.slug) == baseline]
+    for c, r in zip(used, rows):
         # the baseline at the same values of the grid settings it has
-        base = next((b for p, b in bases if all(point.get(k) == v for k, v in p.items())), None)
-        r["delta_final"] = r["final_acc"] - base["final_acc"] if base else math.nan
-        r["delta_best"] = r["best_acc"] - base["best_acc"] if base else math.nan
+        base = next((b for p, b in bases if all(c.point.get(k) == v for k, v in p.items())), None)
+        if base is not None and r["status"] == "ok" and base["status"] == "ok":
+            r["delta_final"] = r["final_acc"] - base["final_acc"]
+            r["delta_best"] = r["best_acc"] - base["best_acc"]
+            continue
+        r["delta_final"] = r["delta_best"] = math.nan
+        if base is not None and r["status"] != "ok" and base is not r:
+            r["note"] += "; left out of the comparison with the baseline"
+        elif base is not None and base["status"] != "ok" and base is not r:
+            r["note"] = (r["note"] + "; " if r["note"] else "") + (
+                "not compared: its baseline " + ("diverged" if base["status"] == "diverged" else "partly diverged"))
     return rows
+
+
+def _diverged_note(lost: list[RunResult], runs: int) -> str:
+    if not lost:
+        return ""
+    first = lost[0]
+    where = f"seed {first.seed}: {first.message}" if first.message else f"seed {first.seed}"
+    return f"{len(lost)} of {runs} seed{'s' if runs > 1 else ''} diverged ({where})"
+
+
+def _number(value: float, text: str) -> str:
+    return text if isinstance(value, float) and math.isfinite(value) else "diverged"
 
 
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| configuration | seeds | final val acc (%) | best val acc (%) | delta final | delta best | time per run (s) |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r['configuration']} | {r['seeds']} | {r['final_acc']:.2f} ± {r['final_sd']:.2f} | "
-                     f"{r['best_acc']:.2f} ± {r['best_sd']:.2f} | {r['delta_final']:+.2f} | {r['delta_best']:+.2f} | "
-                     f"{r['seconds']:.0f} |")
+        diverged = r.get("diverged", 0)
+        seeds = f"{r['seeds']} + {diverged} diverged" if diverged else str(r["seeds"])
+        final = _number(r["final_acc"], f"{r['final_acc']:.2f} ± {r['final_sd']:.2f}")
+        best = _number(r["best_acc"], f"{r['best_acc']:.2f} ± {r['best_sd']:.2f}")
+        delta = [f"{v:+.2f}" if math.isfinite(v) else "–" for v in (r["delta_final"], r["delta_best"])]
+        seconds = f"{r['seconds']:.0f}" if math.isfinite(r["seconds"]) else "–"
+        lines.append(f"| {r['configuration']} | {seeds} | {final} | {best} | {delta[0]} | {delta[1]} | {seconds} |")
+    notes = [f"- {r['configuration']}: {r['note']}" for r in rows if r.get("note")]
+    if notes:
+        lines += ["", "Runs whose training loss became non-finite (diverged) have no figures; a configuration "
+                      "with a diverged seed is not compared with its baseline:", "", *notes]
     return "\n".join(lines) + "\n"
 
 
 def csv_text(rows: list[dict], columns: list[str]) -> str:
+    """Rows as CSV; a float is written with 4 decimals, and left empty where it is no number."""
     buffer = _io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for r in rows:
-        writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items() if k in columns})
+        writer.writerow({k: ((f"{v:.4f}" if math.isfinite(v) else "") if isinstance(v, float) else v)
+                         for k, v in r.items() if k in columns})
     return buffer.getvalue()
 
 
-TABLE_COLUMNS = ["configuration", "plugins", "seeds", "final_acc", "final_sd", "best_acc", "best_sd",
-                 "delta_final", "delta_best", "seconds"]
-RESULT_COLUMNS = ["configuration", "slug", "seed", "final_val_acc", "best_val_acc", "final_val_loss", "seconds", "run_dir"]
+TABLE_COLUMNS = ["configuration", "plugins", "seeds", "diverged", "status", "final_acc", "final_sd", "best_acc",
+                 "best_sd", "delta_final", "delta_best", "seconds", "note"]
+RESULT_COLUMNS = ["configuration", "slug", "seed", "status", "final_val_acc", "best_val_acc", "final_val_loss", "seconds",
+                  "run_dir", "message"]
 
 
 def plot_chart(rows: list[dict], path: Path, title: str) -> None:
@@ -208,14 +258,24 @@ def plot_chart(rows: list[dict], path: Path, title: str) -> None:
     best = [r["best_acc"] for r in rows][::-1]
     lines = sum(label.count("\n") + 1 for label in labels)
     fig, ax = plt.subplots(figsize=(9, 0.32 * lines + 0.25 * len(rows) + 1.8))
-    y = range(len(rows))
-    ax.barh(y, final, xerr=spread, color="tab:blue", alpha=0.8, capsize=3, label="final (mean ± sd)")
-    ax.scatter(best, y, color="tab:orange", zorder=3, label="best (mean)", marker="D", s=18)
-    ax.axvline(rows[0]["final_acc"], color="gray", linestyle="--", linewidth=1, label="baseline final")
-    low = min(min(final) - max(spread + [0]), min(best))
-    high = max(max(final) + max(spread + [0]), max(best))
+    y = list(range(len(rows)))
+    shown = [i for i in y if math.isfinite(final[i])]  # a configuration that diverged in every seed has no bar
+    ax.barh([y[i] for i in shown], [final[i] for i in shown], xerr=[spread[i] for i in shown], color="tab:blue",
+            alpha=0.8, capsize=3, label="final (mean ± sd)")
+    ax.scatter([best[i] for i in shown], [y[i] for i in shown], color="tab:orange", zorder=3, label="best (mean)",
+               marker="D", s=18)
+    if math.isfinite(rows[0]["final_acc"]):
+        ax.axvline(rows[0]["final_acc"], color="gray", linestyle="--", linewidth=1, label="baseline final")
+    if shown:
+        low = min(min(final[i] - spread[i] for i in shown), min(best[i] for i in shown))
+        high = max(max(final[i] + spread[i] for i in shown), max(best[i] for i in shown))
+    else:
+        low, high = 0.0, 100.0
     pad = max(0.5, 0.1 * (high - low))
     ax.set_xlim(max(0.0, low - pad), min(100.0, high + pad))
+    for i in y:
+        if i not in shown:
+            ax.text(ax.get_xlim()[0], i, "  diverged", va="center", ha="left", color="tab:red", fontsize=9)
     ax.set_yticks(list(y), labels)
     ax.set_xlabel("validation accuracy (%)")
     ax.set_title(textwrap.fill(title, 70), fontsize=10)
@@ -248,6 +308,8 @@ class AblationReporter:
         return None
     def run_end(self, index: int, result: RunResult) -> None: ...
     def run_failed(self, index: int, config: Configuration, seed: int, message: str) -> None: ...
+    def run_diverged(self, index: int, result: RunResult) -> None:
+        """A run whose training loss became non-finite (``result.message`` says where)."""
     def finish(self, rows: list[dict], out: Path) -> None: ...
 
 
@@ -277,10 +339,12 @@ def ablate(
     rows. The runs are a job (:mod:`tricks.jobs`): finished runs found in ``out`` are kept, an
     interrupted one resumes, one that fails is recorded and the others go on. ``gpus``,
     ``per_gpu``, ``backend`` and ``address`` spread the runs as for a sampling job; ``retry_failed``
-    trains the runs that failed before again."""
+    trains the runs that failed before again (a diverged run is kept: with the same seed and
+    settings it diverges again). ``out`` is checked before anything is resolved or trained."""
     reporter = reporter or AblationReporter()
     if seeds < 1:
         raise TricksError(f"--seeds must be at least 1, got {seeds}")
+    check_writable(out, "--out")
     base_configs = plan(plugins, mode, base, all_together)
     grid_items = parse_grid(grid)
     configs = expand(base_configs, grid_items)
@@ -327,14 +391,23 @@ def ablate(
     results: list[RunResult] = []
 
     def collect(result: dict) -> RunResult | None:
+        c, seed = where[result["id"]]
+        run_dir = str(job.out / result["run_dir"])
+        if result["status"] == "diverged":
+            return RunResult(c.label, c.slug, seed, math.nan, math.nan, math.nan, result.get("train_seconds") or 0.0,
+                             run_dir, "diverged", result.get("message") or "")
         if result["status"] != "ok":
             return None
-        c, seed = where[result["id"]]
         return RunResult(c.label, c.slug, seed, result["final_val_acc"], result["best_val_acc"],
-                         result["final_val_loss"], result["train_seconds"], str(job.out / result["run_dir"]))
+                         result["final_val_loss"], result["train_seconds"], run_dir)
+
+    def tell(name: str, *args) -> None:  # a reporter may leave out the methods it has no use for
+        method = getattr(reporter, name, None)
+        if method is not None:
+            method(*args)
 
     class Progress(JobProgress):
-        def start(self, job, total, done, failed):
+        def start(self, job, total, done, failed, diverged=0):
             results.extend(r for r in map(collect, job.results().values()) if r is not None)
             reporter.start(total, done)
             write_results(job.out, configs, results, title, grid_keys)
@@ -347,11 +420,14 @@ def ablate(
             one = collect(result)
             if one is None:
                 c, seed = where[item.id]
-                reporter.run_failed(len(results), c, seed, result.get("message", ""))
+                tell("run_failed", len(results), c, seed, result.get("message", ""))
                 return
             results.append(one)
             write_results(job.out, configs, results, title, grid_keys)
-            reporter.run_end(len(results), one)
+            if one.status == "diverged":
+                tell("run_diverged", len(results), one)
+            else:
+                reporter.run_end(len(results), one)
 
     run_job(job, gpus=gpus, per_device=per_gpu, backend=backend, address=address, progress=Progress(),
             retry_failed=retry_failed, extra_plugins=extra_plugins)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .config import CoreSettings, RunConfig, read_recipe, resolve
+from .config import CoreSettings, RunConfig, check_recipe, read_recipe, resolve
 from .errors import TricksError
 from .loop import Reporter, train
 from .plugin import Plugin
@@ -48,7 +48,9 @@ def run(
     if not isinstance(config, RunConfig):
         recipe = read_recipe(config) if isinstance(config, (str, Path)) else dict(config or {})
         if isinstance(plugins, list) and plugins and all(isinstance(p, Plugin) for p in plugins):
-            plugins = list(recipe.get("plugins") or []) + plugins  # ad-hoc instances join the recipe's plugins
+            # ad-hoc instances join the recipe's plugins (its list as the recipe means it: a
+            # comma-separated string is a list of names)
+            plugins = list(check_recipe(recipe).get("plugins") or []) + plugins
         config = resolve(plugins=plugins, recipe=recipe, overrides=overrides, sets=set, registries=registries)
     elif overrides or set or plugins is not None:
         raise TricksError("a resolved RunConfig is final; pass plugins, set and overrides to tricks.resolve instead")

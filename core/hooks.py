@@ -154,9 +154,28 @@ class Hooks:
         return self._impls("on_batch")
 
     # --- collect / broadcast ---------------------------------------------------------------
-    def prune(self, ctx: "RunContext", model: "torch.nn.Module") -> list:
+    def prune(self, ctx: "RunContext", model: "torch.nn.Module") -> list[tuple[str, Any]]:
+        """``(plugin, change)`` for every plugin whose ``prune`` changed the model."""
         self._record("prune")
-        return [r for r in self.pm.hook.prune(ctx=ctx, model=model) if r]
+        changes = []
+        for impl in self._impls("prune"):
+            change = impl.function(*[{"ctx": ctx, "model": model}[a] for a in impl.argnames])
+            if change is not None and change is not False:
+                changes.append((impl.plugin_name, change))
+        return changes
+
+    def can_replay(self, plugin: str) -> bool:
+        return any(i.plugin_name == plugin for i in self._impls("replay_structure"))
+
+    def replay_structure(self, ctx: "RunContext", model: "torch.nn.Module", plugin: str, change: Any) -> None:
+        """Call ``plugin``'s ``replay_structure`` (and no other's) with one recorded change."""
+        self._record("replay_structure")
+        for impl in self._impls("replay_structure"):
+            if impl.plugin_name == plugin:
+                impl.function(*[{"ctx": ctx, "model": model, "change": change}[a] for a in impl.argnames])
+                return
+        raise TricksError(f"plugin '{plugin}' changed the model's structure but implements no replay_structure, so "
+                          "the changed model cannot be rebuilt; implement it (see tricks.hookspecs.replay_structure)")
 
     def on_fit_start(self, ctx: "RunContext") -> None:
         self._record("on_fit_start")

@@ -36,7 +36,8 @@ RULES = {
     "build_loss": "firstresult",
     "evaluate": "firstresult",
     "on_batch": "chained",
-    "prune": "collect",
+    "prune": "per-plugin",
+    "replay_structure": "per-plugin",
     "on_fit_start": "broadcast",
     "on_epoch_start": "broadcast",
     "on_evaluate_end": "broadcast",
@@ -127,11 +128,33 @@ def prune(ctx, model):
     Parameters:
         ctx: the run context.
         model: the (unwrapped) model, changed in place.
-    Returns: something truthy (for instance a dict describing the change) when the structure
-        changed, else ``None``.
-    Combines: every implementation runs; if any returns a truthy value, the core rebuilds the
-        optimizer and schedule for the new shapes, re-applies its model wrappers (DDP), and
-        checkpoints the new structure.
+    Returns: ``None`` when nothing changed; otherwise the change *as data* (dicts, lists,
+        strings, numbers, booleans, tensors: no objects), enough for ``replay_structure`` to
+        make the same change on a freshly built model. A checkpoint holds data only, never a
+        pickled model, so this record is how a changed model is rebuilt.
+    Combines: per plugin: every implementation runs; each change is recorded with its plugin's
+        name, epoch and settings. The core then checks that replaying every record on a fresh
+        model gives the model's shapes, rebuilds the optimizer and schedule for the new shapes,
+        re-applies its model wrappers (DDP), and checkpoints.
+    """
+
+
+@hookspec
+def replay_structure(ctx, model, change):
+    """Make again, on a freshly built model, a structural change this plugin made in ``prune``.
+
+    Fires: whenever a model is rebuilt from a checkpoint whose structure this plugin changed
+        (``--resume``, ``core.init_from``, ``RunDir.build_model``, a distillation teacher), once
+        per recorded change, in the order the changes were made, before the weights are loaded;
+        and once after each ``prune`` that changed something, on a fresh model, to check the
+        record.
+    Parameters:
+        ctx: the run context.
+        model: the freshly built (unwrapped) model, on the CPU, changed in place. Only its
+            shapes matter: the trained weights are loaded afterwards.
+        change: exactly what this plugin's ``prune`` returned.
+    Combines: per plugin: only the plugin that recorded the change is called. A plugin whose
+        ``prune`` returns a change must implement it.
     """
 
 
@@ -233,7 +256,8 @@ def on_epoch_end(ctx, epoch, metrics):
 def on_fit_end(ctx, summary):
     """Finish training.
 
-    Fires: once, after the last epoch, before ``summary.json`` is written.
+    Fires: once, after the last epoch's ``on_epoch_end`` and before its checkpoint, which holds
+        the summary (``summary.json`` is written from it).
     Parameters:
         ctx: the run context.
         summary: the run summary dict; an implementation may add entries.
@@ -263,7 +287,9 @@ def state_dict(ctx):
     Fires: every time a checkpoint is written.
     Parameters:
         ctx: the run context.
-    Returns: a picklable object (a dict of tensors and numbers), or ``None`` for no state.
+    Returns: data (tensors, numbers, strings, and lists and dicts of them: what
+        ``torch.load(weights_only=True)`` reads back), or ``None`` for no state. Anything else
+        is refused when the checkpoint is saved, naming the plugin.
     Combines: per plugin: the core calls each implementation and stores its result under
         the plugin's name.
     """

@@ -3,7 +3,8 @@
 A job lives in one folder::
 
     OUT/job.json            the plan: its kind, the planner's description, one entry per item
-    OUT/results/ID.json     one result per finished item: ok (its metrics) or failed (the message)
+    OUT/results/ID.json     one result per finished item: ok (its metrics), diverged (where its loss
+                            became non-finite, and the message) or failed (the message)
     OUT/<item's run_dir>/   the item's run directory (runs/ID/ unless the planner names another)
     OUT/.lock               held while the job runs: a second command on the same folder is refused
 
@@ -15,21 +16,28 @@ One resume policy, whatever planned the job (``tricks ablate``, ``tricks sample`
 procedure): running the same job again skips items with a result; an item whose run directory
 finished but whose result was never written gets its result without training; an interrupted item
 resumes from its last checkpoint; an item killed before its first checkpoint starts again (nothing
-of it was trained); a failed item stays failed unless ``retry_failed``; an item whose dependency
-failed is recorded as failed. Settings that do not change what is trained (the device, loader
-workers, logging, plots) may differ between the command that started a job and the one that
-continues it; any other difference is refused.
+of it was trained); a failed item stays failed unless ``retry_failed``; a diverged item stays
+diverged, ``retry_failed`` or not (the same seed and settings diverge again: change the settings,
+which is another job); an item whose dependency failed or diverged is recorded as failed.
+Settings that do not change what is trained (the device, loader workers, logging, plots) may
+differ between the command that started a job and the one that continues it; any other
+difference is refused.
 
 Items run in this process one at a time, in a local process pool (devices x K per device, each
-worker keeping the data on its device between runs), or as Ray tasks.
+worker keeping the data on its device between runs), or as Ray tasks. Before any item trains, the
+job's folder is checked (:func:`check_writable`): a file, a folder that cannot be written or a full
+disk is a one-line error, not a traceback after the first run.
 """
 
 from __future__ import annotations
 
-import fcntl
+import errno
 import json
+import math
 import multiprocessing
 import os
+import shutil
+import tempfile
 import threading
 import time
 import traceback
@@ -40,7 +48,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import atomic
-from .errors import TricksError
+from .errors import Diverged, TricksError
 from .rundir import RunDir
 
 BACKENDS = ("local", "ray")
@@ -48,6 +56,11 @@ BACKENDS = ("local", "ray")
 FREE_SETTINGS = {("core", "device"), ("core", "workers"), ("core", "log_every"), ("core", "curves")}
 # Sections of a recipe that record the run rather than decide it.
 _RECORDS = ("versions", "adhoc_plugins")
+# What an item's result says of it; "diverged" items are kept, like "ok" ones, by ``retry_failed``.
+STATUSES = ("ok", "diverged", "failed")
+KEPT = ("ok", "diverged")
+# The least free space a job's folder needs before anything is trained (a checkpoint is megabytes).
+MIN_FREE_BYTES = 16 << 20
 
 
 @dataclass
@@ -98,19 +111,48 @@ class Job:
         return RunDir(self.out / item.run_dir)
 
     def results(self) -> dict[str, dict]:
-        """The recorded results by item id, in plan order."""
+        """The recorded results by item id, in plan order; a result file that is not one is a
+        TricksError naming it."""
         found = {}
         for item in self.items:
             path = self.result_path(item.id)
-            if path.is_file():
-                found[item.id] = json.loads(path.read_text())
+            if _exists(path):
+                found[item.id] = read_result(path)
         return found
+
+
+def read_result(path: Path) -> dict:
+    """One ``results/ID.json``: a JSON object with a known ``status``."""
+    fix = "remove it and run the job again (a finished run is read again, not retrained)"
+    if not path.is_file():
+        raise TricksError(f"{path} is not a job result (not a file); {fix}")
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise TricksError(f"{path} is not a job result ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0] if str(error) else 'unreadable'}); {fix}") from None
+    if not isinstance(result, dict) or result.get("status") not in STATUSES:
+        raise TricksError(f"{path} is not a job result (no status {', '.join(STATUSES)}); {fix}")
+    return result
+
+
+def finite(obj: Any) -> Any:
+    """``obj`` with NaN and infinities replaced by None: result files are strict JSON."""
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 class JobProgress:
     """What the engine reports while a job runs; every method may be left as is."""
 
-    def start(self, job: Job, total: int, done: int, failed: int) -> None: ...
+    def start(self, job: Job, total: int, done: int, failed: int, diverged: int = 0) -> None:
+        """``done`` items of ``total`` have a result already: ``failed`` of them failed and
+        ``diverged`` diverged."""
 
     def item_start(self, item: Item, resuming: bool) -> Any:
         """Called before an item trains; returns the :class:`tricks.Reporter` of a run trained in
@@ -158,6 +200,10 @@ def write_plan(job: Job) -> None:
             old = json.loads(path.read_text())
         except ValueError:
             raise TricksError(f"{path} is not a job plan (not JSON); remove it, or choose another --out") from None
+        if (not isinstance(old, dict) or not isinstance(old.get("kind"), str) or not isinstance(old.get("meta", {}), dict)
+                or not isinstance(old.get("items"), list) or not all(isinstance(i, dict) for i in old["items"])):
+            raise TricksError(f"{path} is not a job plan (it needs a kind, a meta object and a list of items); "
+                              "restore it by hand, or choose another --out")
         what = {"ablation": "an ablation", "sample": "a sampling job"}.get(old.get("kind"), f"a '{old.get('kind')}' job")
         fix = "repeat its command to continue it, or choose another --out"
         if old.get("kind") != job.kind:
@@ -175,36 +221,104 @@ def write_plan(job: Job) -> None:
     atomic.write_json(path, plan)
 
 
-def lock(out: Path):
-    """Hold ``OUT/.lock`` while the job runs; another job on the same folder is refused."""
-    if out.exists() and not out.is_dir():
-        raise TricksError(f"--out {out} is a file, not a folder for the job; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    handle = open(out / ".lock", "w")
+def _exists(path: Path) -> bool:
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise TricksError(f"another job is running in {out}; wait for it, or choose another --out") from None
-    return handle
+        return path.exists() or path.is_symlink()
+    except OSError:  # e.g. a folder above it that cannot be searched
+        return True
+
+
+def check_writable(path: str | Path, what: str = "--out", min_free: int = MIN_FREE_BYTES) -> Path:
+    """Check, before any work, that a folder can be made (or used) at ``path`` and written to;
+    ``what`` names it in the one-line :class:`TricksError` (``--out``). Refused: a file (or a
+    broken link) at ``path`` or above it, a folder that cannot be written (permissions, a
+    read-only filesystem), and a filesystem with less than ``min_free`` bytes free. Writes and
+    removes one empty probe file in the nearest existing folder; creates nothing else."""
+    path = Path(path)
+    fix = f"choose another {what}"
+    if path.is_symlink() and not path.exists():
+        raise TricksError(f"{what} {path} is a broken link; remove it, or {fix}")
+    if _exists(path) and not path.is_dir():
+        raise TricksError(f"{what} {path} is a file, not a folder; {fix}")
+    folder = path
+    while not _exists(folder) and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise TricksError(f"{what} {path}: {folder} is a file, so no folder can be made under it; {fix}")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".tricks-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        reason = {errno.EROFS: "the filesystem is read-only", errno.EACCES: "permission denied",
+                  errno.EPERM: "permission denied", errno.ENOSPC: "no space left on the device",
+                  errno.ENOENT: "it accepts no new files",
+                  errno.EDQUOT: "disk quota exceeded"}.get(error.errno, error.strerror or type(error).__name__)
+        raise TricksError(f"{what} {path}: cannot write in {folder} ({reason}); {fix}") from None
+    free = shutil.disk_usage(folder).free
+    if free < min_free:
+        raise TricksError(f"{what} {path}: only {free / 2**20:.1f} MiB free on its filesystem, and at least "
+                          f"{min_free / 2**20:.0f} MiB are needed; free some space, or {fix}")
+    return path
+
+
+def lock(out: Path):
+    """Hold ``OUT/.lock`` while the job runs, with this process's PID in it (the operating system
+    releases it however the process ends); another job on the same folder is refused, naming
+    the process that holds it. ``out`` is checked first (:func:`check_writable`)."""
+    check_writable(out, "--out")
+    return atomic.hold_lock(out, "the job folder", "another job is running in it: wait for it, or choose another --out")
 
 
 # --- one item (in this process, a pool worker or a Ray task) -------------------------------------
-def run_result(run: RunDir) -> dict:
-    """The figures of a finished run that every job records."""
-    rows = run.metrics()
+def run_result(run: RunDir, rows: list[dict] | None = None) -> dict:
+    """The figures of a finished run that every job records (``rows``: its metrics, when they
+    are not to be read from ``metrics.jsonl``)."""
+    rows = run.metrics() if rows is None else rows
     summary = run.summary() or {}
     accs = [r["val_acc"] for r in rows if r.get("val_acc") is not None]
     return {"epochs": len(rows),
             "final_val_acc": accs[-1] if accs else None,
             "best_val_acc": max(accs) if accs else None,
             "final_val_loss": rows[-1].get("val_loss") if rows else None,
-            "train_seconds": round(sum(r.get("epoch_seconds", 0.0) for r in rows), 3),
+            "train_seconds": round(sum(r.get("epoch_seconds") or 0.0 for r in rows), 3),
             "params": summary.get("params")}
 
 
+def diverged_result(run: RunDir, error: Diverged | None = None) -> dict:
+    """The result of a run whose training loss became non-finite: where (``diverged_at``: epoch,
+    counted from 1, and step, as in its summary) and why (``message``), the epochs it finished
+    before, and no accuracy (its last good figures stay in its ``metrics.jsonl``)."""
+    try:
+        summary = run.summary() or {}
+    except ValueError:  # a summary torn by hand: the exception still says where
+        summary = {}
+    at = summary.get("diverged_at") if isinstance(summary.get("diverged_at"), dict) else {}
+    if error is not None and not at:
+        at = {"epoch": error.epoch + 1, "step": error.step}  # counted from 1, as in the summary
+    message = str(error) if error is not None else str(summary.get("message") or "the training loss became non-finite")
+    rows = run.metrics()
+    return {"status": "diverged", "diverged_at": {"epoch": at.get("epoch"), "step": at.get("step")},
+            "message": message.splitlines()[0][:500] if message else "", "epochs": len(rows),
+            "final_val_acc": None, "best_val_acc": None, "final_val_loss": None,
+            "train_seconds": round(sum(r.get("epoch_seconds") or 0.0 for r in rows), 3),
+            "params": summary.get("params")}
+
+
+def _trained_through(run: RunDir) -> list[dict] | None:
+    """The metrics of every epoch of a run killed after its last checkpoint but before its summary
+    (from the checkpoint, which holds them all); None when it has epochs left to train."""
+    checkpoint = run.load_checkpoint()
+    epochs = run.epochs()
+    if checkpoint is None or epochs is None or int(checkpoint.get("epoch", 0)) < epochs:
+        return None
+    history = checkpoint.get("history")
+    return list(history) if isinstance(history, list) and len(history) >= epochs else None
+
+
 def train_item(task: dict) -> dict:
-    """Train (or resume, or just read) one item; never raises: a failure comes back as a result."""
+    """Train (or resume, or just read) one item; never raises: a failure or a divergence comes
+    back as a result."""
     import tricks
 
     run = RunDir(task["run_path"])
@@ -218,8 +332,21 @@ def train_item(task: dict) -> dict:
         extra = list(task.get("extra_plugins") or []) or None
         reporter = task.get("reporter") or tricks.Reporter()
         state = run.status()
-        if state == "interrupted":
-            tricks.run(resume=run.path, plugins=extra, device=task["device"], reporter=reporter)
+        rows = None
+        if state == "diverged":  # trained before and diverged: the same settings would diverge again
+            result.update(diverged_result(run))
+        elif state == "interrupted":
+            try:
+                tricks.run(resume=run.path, plugins=extra, device=task["device"], reporter=reporter)
+            except TricksError:
+                # killed after its last checkpoint but before its summary: every epoch is trained,
+                # and the checkpoint holds their metrics; nothing is lost, nothing failed
+                try:
+                    rows = _trained_through(run)
+                except TricksError:
+                    rows = None
+                if rows is None:
+                    raise
         elif state != "finished":
             if state == "started":
                 run.remove()  # killed before its first checkpoint: nothing of it was trained
@@ -231,7 +358,10 @@ def train_item(task: dict) -> dict:
                 recipe.setdefault(section or "core", {})[key] = path
             recipe.setdefault("core", {})["device"] = task["device"]
             tricks.run(recipe, plugins=extra, out=run.path, reporter=reporter)
-        result.update(run_result(run))
+        if result["status"] == "ok":
+            result.update(run_result(run) if rows is None else run_result(run, rows))
+    except Diverged as error:  # recorded, and the job goes on; the run kept its last good epoch
+        result.update(diverged_result(run, error))
     except Exception as error:  # recorded, and the job goes on
         result.update(status="failed", message=f"{type(error).__name__}: {error}".splitlines()[0][:500])
         try:
@@ -240,7 +370,7 @@ def train_item(task: dict) -> dict:
         except OSError:
             pass
     result["time_s"] = round(time.time() - start, 3)
-    return result
+    return finite(result)
 
 
 # --- backends -------------------------------------------------------------------------------------
@@ -393,34 +523,46 @@ def run_job(job: Job, *, device: str | None = None, gpus: str | None = None, per
             backend: str = "local", address: str | None = None, progress: JobProgress | None = None,
             retry_failed: bool = False, extra_plugins: list | None = None) -> dict[str, dict]:
     """Run every item of ``job`` that has no result yet, in dependency order; returns every
-    item's result by id. ``device`` defaults to the first item's ``core.device``."""
+    item's result by id. ``device`` defaults to the first item's ``core.device``.
+    ``retry_failed`` trains the failed items again (not the diverged ones: with the same seed
+    and settings they diverge again)."""
     progress = progress or JobProgress()
     device = device or ((job.items[0].recipe.get("core") or {}).get("device") if job.items else None) or "auto"
     check_backend(backend, device, gpus, per_device)
     handle = lock(job.out)
     try:
+        _check_folders(job)
         write_plan(job)
         results = job.results()
         if retry_failed:
-            results = {k: r for k, r in results.items() if r["status"] == "ok"}
+            results = {k: r for k, r in results.items() if r["status"] in KEPT}
         items = {i.id: i for i in job.items}
 
         def record(item: Item, result: dict, report: bool = True) -> None:
             result = {**result, **item.meta}
             if job.describe is not None:
                 result = job.describe(result)
+            result = finite(result)
             atomic.write_json(job.result_path(item.id), result)
             results[item.id] = result
             if report:
                 progress.item_end(item, result)
 
-        # a run that finished but was killed before its result was written is only read
+        # a run that finished (or diverged) but was killed before its result was written is only read
         for item in job.items:
-            if item.id not in results and job.run(item).status() == "finished":
+            if item.id in results:
+                continue
+            run = job.run(item)
+            state = run.status()
+            if state == "finished":
                 record(item, {"id": item.id, "status": "ok", "device": None, "run_dir": item.run_dir,
-                              **run_result(job.run(item)), "time_s": 0.0}, report=False)
-        failed = sum(1 for r in results.values() if r["status"] != "ok")
-        progress.start(job, len(job.items), len(results), failed)
+                              **run_result(run), "time_s": 0.0}, report=False)
+            elif state == "diverged":
+                record(item, {"id": item.id, "device": None, "run_dir": item.run_dir, **diverged_result(run),
+                              "time_s": 0.0}, report=False)
+        failed = sum(1 for r in results.values() if r["status"] == "failed")
+        diverged = sum(1 for r in results.values() if r["status"] == "diverged")
+        progress.start(job, len(job.items), len(results), failed, diverged=diverged)
 
         devices = local_devices(device, gpus, per_device) if backend == "local" else [device]
         waiting = [i for i in job.items if i.id not in results]
@@ -429,8 +571,9 @@ def run_job(job: Job, *, device: str | None = None, gpus: str | None = None, per
             for item in waiting:
                 bad = [d for d in item.after if d in results and results[d]["status"] != "ok"]
                 if bad:
+                    how = "diverged" if results[bad[0]]["status"] == "diverged" else "failed"
                     record(item, _failed(_task(job, item, devices[0], extra_plugins),
-                                         f"it depends on '{bad[0]}', which failed"))
+                                         f"it depends on '{bad[0]}', which {how}"))
                 elif all(d in results for d in item.after):
                     ready.append(item)
                 else:
@@ -460,6 +603,21 @@ def run_job(job: Job, *, device: str | None = None, gpus: str | None = None, per
         handle.close()
 
 
+def _check_folders(job: Job) -> None:
+    """The folders a job writes under ``OUT`` (``results/``, and the first folder of each item's
+    run directory) must be folders where they exist, and its plan a file: anything else there is
+    refused before any item trains."""
+    tops = ["results"] + sorted({Path(i.run_dir).parts[0] for i in job.items if Path(i.run_dir).parts})
+    for top in tops:
+        path = job.out / top
+        if _exists(path) and not path.is_dir():
+            raise TricksError(f"{path} is a file, but the job keeps its {'results' if top == 'results' else 'runs'} "
+                              "there; move the file away, or choose another --out")
+    plan = job.out / "job.json"
+    if _exists(plan) and not plan.is_file():
+        raise TricksError(f"{plan} is not a file, but the job keeps its plan there; move it away, or choose another --out")
+
+
 def _task(job: Job, item: Item, device: str, extra_plugins: list | None) -> dict:
     run_dirs = {i.id: i.run_dir for i in job.items}
     inputs = {setting: str((job.out / run_dirs[source]).resolve()) for setting, source in item.inputs.items()}
@@ -467,5 +625,6 @@ def _task(job: Job, item: Item, device: str, extra_plugins: list | None) -> dict
             "inputs": inputs, "device": device, "extra_plugins": extra_plugins}
 
 
-__all__ = ["Item", "Job", "JobProgress", "run_job", "write_plan", "train_item", "run_result", "local_devices",
-           "check_backend", "identity", "first_difference", "BACKENDS", "FREE_SETTINGS"]
+__all__ = ["Item", "Job", "JobProgress", "run_job", "write_plan", "train_item", "run_result", "diverged_result",
+           "read_result", "check_writable", "local_devices", "check_backend", "identity", "first_difference", "finite",
+           "BACKENDS", "FREE_SETTINGS", "STATUSES"]

@@ -23,10 +23,10 @@ from . import distributed as dist
 from .builtin import CoreDefaults
 from .config import CoreSettings, RunConfig
 from .data import Data, load_data, make_loaders
-from .errors import TricksError
+from .errors import Diverged, TricksError
 from .hooks import Hooks
 from .plots import plot_curves
-from .rundir import RunDir, load_state
+from .rundir import RunDir, load_state, plain_data
 
 
 class Reporter:
@@ -155,31 +155,74 @@ class Trainer:
         self.run = RunDir(self.run_dir)
         self.hooks = Hooks(cfg.instantiate(), core=CoreDefaults())
         self.hooks.trace = trace
+        self.structure: list[dict] = []  # the structural changes made so far, as data (see hookspecs.prune)
+        self.lock = None
 
     # --- setup ----------------------------------------------------------------------------
     def _prepare_dir(self) -> dict | None:
+        """Lock the run directory, check it can hold this run, and read the checkpoint to resume."""
         run = self.run
+        if self.rank == 0:
+            self.created = not run.path.exists()
+            self.lock = run.lock()  # also refuses an --out that is a file or cannot be written
+            run.clean_stale()  # temporary files of writes a killed run never renamed: no one else writes here
         checkpoint = None
         if self.resume:
             if not run.has_run():
                 raise TricksError(f"{run.path} holds no run (no config.yaml); start one with --out {run.path}")
+            if run.status() == "diverged":
+                raise TricksError(f"the run in {run.path} diverged ({(run.summary() or {}).get('message', '')}); it "
+                                  f"cannot go on from there: start a new run with --config {run.path / RunDir.CONFIG} "
+                                  "and a lower --lr (or warmup), and another --out")
+            self._refuse_changes(run.config())
             checkpoint = run.load_checkpoint()
             if checkpoint is not None:
                 done, epochs = checkpoint["epoch"], self.cfg.core.epochs
                 if done >= epochs:
-                    raise TricksError(f"the run in {run.path} is finished ({done} of {epochs} epochs); "
-                                      f"to train it longer, resume with more epochs: --resume {run.path} --epochs N (N > {done})")
+                    self.finished = checkpoint
+                    return checkpoint
         elif run.has_run() or run.has_checkpoint():
-            raise TricksError(f"run directory {run.path} already holds a run; continue it with --resume {run.path} or choose another --out")
+            if run.has_checkpoint() or run.summary_or_none() is not None:
+                raise TricksError(f"run directory {run.path} already holds a run; continue it with --resume {run.path} "
+                                  "or choose another --out")
+            # A run that never finished an epoch (it failed, or was killed, in its first): nothing
+            # of it was trained, and the lock says no process is writing it.
+            self.reporter.log(f"{run.path} held a run that never finished an epoch; starting it again")
+            run.remove_files()
         return checkpoint
 
+    # Core settings a resumed run may change: how long it trains and where, and what it prints.
+    RESUMABLE = {"epochs", "device", "workers", "log_every", "curves"}
+
+    def _refuse_changes(self, recorded: dict) -> None:
+        """Resuming continues the run as it was configured: the plugins, the model, the data and
+        every setting but the ones in RESUMABLE must be those the earlier epochs used."""
+        import yaml
+
+        now = yaml.safe_load(self.cfg.to_yaml())
+        path = self.run.path
+        new_run = (f"to train with the change, start a new run: tricks run --config {path / RunDir.CONFIG} "
+                   f"(plus the change) --out NEW, with --set core.init_from={path} to start from its weights")
+        if list(recorded.get("plugins") or []) != list(now.get("plugins") or []):
+            raise TricksError(f"--resume cannot change the plugins ({','.join(recorded.get('plugins') or []) or 'none'} -> "
+                              f"{','.join(now.get('plugins') or []) or 'none'}): the earlier epochs trained without that; "
+                              + new_run)
+        sections = ["core"] + [n for n in now.get("plugins") or []]
+        for section in sections:
+            old, new = recorded.get(section) or {}, now.get(section) or {}
+            if not isinstance(old, dict):
+                continue
+            for key, value in old.items():
+                if section == "core" and key in self.RESUMABLE:
+                    continue
+                if key in new and new[key] != value:
+                    raise TricksError(f"--resume cannot change {section}.{key} ({value!r} -> {new[key]!r}): the earlier "
+                                      f"epochs used {value!r}; " + new_run)
+
     def _write_config(self) -> None:
-        """The resolved config, written once the run has been set up without error. A resumed
-        run first removes the temporary files of writes that a killed run never renamed."""
+        """The resolved config, written once the run has been set up without error."""
         if self.rank == 0:
             self.run.path.mkdir(parents=True, exist_ok=True)
-            if self.resume:
-                self.run.clean_stale()
             self.run.write_config(self.cfg)
 
     def _build_model(self) -> torch.nn.Module:
@@ -217,11 +260,15 @@ class Trainer:
         self.schedule = Schedule(ctx.optimizer, ctx.schedule, ctx.total_steps)
         self.wrapped = self._wrap(ctx.model)
 
-    def _checkpoint(self, history: list[dict], structure_changed: bool) -> None:
+    def _commit(self, history: list[dict], summary: dict | None) -> None:
+        """Commit the epoch just finished: one checkpoint holding everything, then the files
+        written from it (see RunDir.commit_epoch)."""
         ctx = self.ctx
         states = self.hooks.state_dict(ctx)
         if self.rank != 0:
             return
+        for name, state in states.items():
+            plain_data(state, f"plugin '{name}' state_dict")
         payload = {
             "epoch": ctx.epoch + 1,
             "step": ctx.step,
@@ -230,17 +277,62 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "plugins": states,
             "history": history,
+            "summary": summary,
+            "structure": self.structure,
             "config": self.cfg.to_dict(),
             "shape": {"num_classes": ctx.num_classes, "in_chans": ctx.in_chans, "image_size": ctx.image_size},
         }
-        if structure_changed:
-            payload["model_object"] = ctx.model  # the new shapes, since the config alone cannot rebuild them
-        self.run.save_checkpoint(payload)
+        self.run.commit_epoch(payload, self._curves())
+
+    def _curves(self):
+        """What draws curves.png at the end of the run (None when the run asks for none)."""
+        if not self.cfg.core.curves:
+            return None
+        title = " + ".join(self.cfg.plugins) or "baseline"
+        return lambda path, history=None: plot_curves(self._history, path, title=title)
+
+    def _record_structure(self, changes: list[tuple[str, Any]]) -> None:
+        """Record each structural change as data, and check that replaying every record on a
+        freshly built model gives exactly the shapes of the model the plugins changed."""
+        ctx = self.ctx
+        for name, change in changes:
+            plain_data(change, f"plugin '{name}' prune")
+            if not self.hooks.can_replay(name):
+                raise TricksError(f"plugin '{name}' changed the model's structure but implements no replay_structure, "
+                                  "so the changed model could not be rebuilt on resume; implement it "
+                                  "(see tricks.hookspecs.replay_structure)")
+            settings = self.cfg.settings.get(name)
+            self.structure.append({"plugin": name, "epoch": ctx.epoch, "change": change,
+                                   "settings": settings.model_dump(mode="json") if settings is not None else {}})
+        fresh = build_model(self.cfg, "cpu", num_classes=ctx.num_classes, in_chans=ctx.in_chans,
+                            image_size=ctx.image_size, structure=self.structure, hooks=self.hooks)
+        want = {k: tuple(v.shape) for k, v in ctx.model.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+        if want != got:
+            key = next(k for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k))
+            names = ", ".join(sorted({n for n, _ in changes}))
+            raise TricksError(f"replaying the structural changes of {names} on a fresh model does not give the model "
+                              f"they made ({key}: {got.get(key)} instead of {want.get(key)}); make replay_structure "
+                              "repeat exactly what prune did")
 
     # --- the run ----------------------------------------------------------------------------
     def fit(self) -> dict:
+        self.created = False
+        try:
+            return self._fit()
+        finally:
+            if self.lock is not None:
+                if self.created and not self.run.has_run():
+                    self.run.remove()  # a run that failed before it began leaves no folder behind
+                self.lock.close()
+                self.lock = None
+
+    def _fit(self) -> dict:
         cfg, core = self.cfg, self.cfg.core
+        self.finished = None
         checkpoint = self._prepare_dir()
+        if self.finished is not None:
+            return self._finished(self.finished)
         device = pick_device(core.device, self.local_rank)
         seed_everything(core.seed, -1, 0)
         data = load_data(core)
@@ -252,56 +344,96 @@ class Trainer:
             data=data, reporter=self.reporter,
         )
         hooks = self.hooks
+        self._history: list[dict] = []
         try:
             model = self._build_model()
-            structure_changed = False
             if checkpoint is None and core.init_from:
-                model, structure_changed = _init_from(model, core.init_from)
-            if checkpoint is not None and "model_object" in checkpoint:
-                model, structure_changed = checkpoint["model_object"], True
+                model, self.structure = self._init_from(model, core.init_from)
+            if checkpoint is not None:
+                self.structure = list(checkpoint.get("structure") or [])
+                replay(self.hooks, ctx, model, self.structure, source=str(self.run.checkpoint_path))
             ctx.model = self._place(model)
             self._build_optimization()
             ctx.loss_fn = hooks.build_loss(ctx)
             self.scaler = torch.amp.GradScaler(device.type) if core.precision == "fp16" else None
-            history: list[dict] = []
+            history = self._history
             if checkpoint is not None:
-                ctx.model.load_state_dict(checkpoint["model"])
+                load_state(ctx.model, checkpoint["model"], str(self.run.checkpoint_path))
                 ctx.optimizer.load_state_dict(checkpoint["optimizer"])
                 if self.scaler is not None and checkpoint.get("scaler"):
                     self.scaler.load_state_dict(checkpoint["scaler"])
                 hooks.load_state_dict(ctx, checkpoint.get("plugins", {}))
-                history = list(checkpoint["history"])
+                history.extend(checkpoint["history"])
                 ctx.start_epoch, ctx.step = checkpoint["epoch"], checkpoint["step"]
             ctx.epoch = ctx.start_epoch
+            if self.rank == 0:
+                check_free_space(self.run.path, ctx.model, ctx.optimizer)
             self._write_config()
             self.reporter.start(ctx)
+            for note in getattr(data, "notes", None) or []:
+                ctx.log(note)
             hooks.on_fit_start(ctx)
+            self.watch = FiniteLoss(ctx)
+            summary = None
             for epoch in range(ctx.start_epoch, core.epochs):
                 ctx.epoch = epoch
                 row = self._epoch(epoch, train_loader, val_loader)
                 changes = hooks.prune(ctx, ctx.model)
                 if changes:
+                    self._record_structure(changes)
                     ctx.model = self._place(ctx.model)  # new layers may have been built on the host
                     self._build_optimization()
-                    structure_changed = True
                     row["params"] = _count_params(ctx.model)
                 hooks.on_epoch_end(ctx, epoch, row)
                 history.append(row)
-                self._checkpoint(history, structure_changed)
-                if self.rank == 0:
-                    self.run.write_metrics(history)
+                if epoch == core.epochs - 1:
+                    summary = self._summary(history)
+                    hooks.on_fit_end(ctx, summary)
+                self._commit(history, summary)
                 self.reporter.epoch_end(row)
-            summary = self._summary(history)
-            hooks.on_fit_end(ctx, summary)
-            if self.rank == 0:
-                self.run.write_summary(summary)
-                if history and core.curves:
-                    plot_curves(history, self.run.file(RunDir.CURVES), title=" + ".join(cfg.plugins) or "baseline")
             self.reporter.finish(summary)
             return summary
         except BaseException as error:
+            if isinstance(error, Diverged) and self.rank == 0:
+                self._diverged(error)
             hooks.on_exception(ctx, error)
             raise
+
+    def _init_from(self, model: torch.nn.Module, source: str) -> tuple[torch.nn.Module, list[dict]]:
+        """``core.init_from``: the model starts from the last weights of another run (fine-tuning, a
+        job item that depends on an earlier one), with that run's structural changes replayed;
+        they stay part of this run's structure."""
+        run = RunDir(source)
+        checkpoint = run.load_checkpoint()
+        if checkpoint is None:
+            raise TricksError(f"core.init_from={source}: no checkpoint there ({RunDir.CHECKPOINT}); "
+                              "name a run directory that has trained at least one epoch")
+        structure = list(checkpoint.get("structure") or [])
+        replay(self.hooks, self.ctx, model, structure, source=str(run.checkpoint_path))
+        load_state(model, checkpoint["model"], str(run.checkpoint_path))
+        return model, structure
+
+    def _finished(self, checkpoint: dict) -> dict:
+        """``--resume`` of a run whose last epoch is committed: write what a kill after that
+        commit left unwritten (metrics, summary, curves) from its checkpoint; a run with nothing
+        missing is finished, and resuming it is an error that says how to train it longer."""
+        run, summary = self.run, checkpoint.get("summary")
+        self._history = list(checkpoint["history"])
+        if summary is not None and run.complete(checkpoint, self._curves()):
+            self.reporter.log(f"the run in {run.path} had finished; its metrics and summary were written from its checkpoint")
+            self.reporter.finish(summary)
+            return summary
+        done = checkpoint["epoch"]
+        raise TricksError(f"the run in {run.path} is finished ({done} of {self.cfg.core.epochs} epochs); "
+                          f"to train it longer, resume with more epochs: --resume {run.path} --epochs N (N > {done})")
+
+    def _diverged(self, error: Diverged) -> None:
+        """Record a diverged run: its summary says so; its checkpoint and metrics stay those of
+        the last finished epoch."""
+        summary = self._summary(self._history) if getattr(self, "ctx", None) is not None else {}
+        summary.update(status="diverged", diverged_at={"epoch": error.epoch + 1, "step": error.step},
+                       message=str(error))
+        self.run.write_summary(summary)
 
     def _epoch(self, epoch: int, train_loader, val_loader) -> dict:
         ctx, hooks, core = self.ctx, self.hooks, self.cfg.core
@@ -328,12 +460,14 @@ class Trainer:
             else:
                 loss.backward()
                 optimizer.step()
+            self.watch.step(loss, epoch, ctx.step, batch)
             n = len(batch["input"])
             loss_sum += loss.detach() * n
             seen += n
             ctx.step += 1
             self.reporter.step(index, loss)
         dist.synchronize(ctx.device)
+        self.watch.check(epoch)
         train_seconds = time.perf_counter() - start
         loss_sum, seen_all = dist.reduce_sum([loss_sum, float(seen)], ctx.device)
         model = ctx.model
@@ -346,6 +480,10 @@ class Trainer:
         reduced = dist.reduce_sum([stats[k] for k in keys] + [float(n)], ctx.device)
         metrics = {f"val_{k}": v / reduced[-1] for k, v in zip(keys, reduced[:-1])}
         hooks.on_evaluate_end(ctx, metrics)
+        for key in ("val_loss",):
+            if key in metrics and not np.isfinite(metrics[key]):
+                raise Diverged(epoch, ctx.step, metrics[key], f"the validation loss is {metrics[key]}; "
+                               + likely_cause(ctx.core))
         elapsed = time.perf_counter() - start
         return {
             "epoch": epoch + 1,
@@ -381,34 +519,120 @@ class Trainer:
         }
 
 
-def _init_from(model: torch.nn.Module, source: str) -> tuple[torch.nn.Module, bool]:
-    """``core.init_from``: the model starts from the last weights of another run (fine-tuning, a
-    job item that depends on an earlier one). A run whose structure changed hands on its model."""
-    run = RunDir(source)
-    checkpoint = run.load_checkpoint()
-    if checkpoint is None:
-        raise TricksError(f"core.init_from={source}: no checkpoint there ({RunDir.CHECKPOINT}); "
-                          "name a run directory that has trained at least one epoch")
-    changed = "model_object" in checkpoint
-    if changed:
-        model = checkpoint["model_object"]
-    load_state(model, checkpoint["model"], str(run.checkpoint_path))
-    return model, changed
+def replay(hooks: Hooks, ctx: "RunContext", model: torch.nn.Module, structure: list[dict],
+           registries: list[Path] | None = None, source: str = "the checkpoint") -> None:
+    """Make again, on the freshly built ``model``, the structural changes recorded in a
+    checkpoint, each by the plugin that made it: the run's own instance when the run has that
+    plugin, otherwise a fresh instance of the installed plugin with the settings it had."""
+    for record in structure:
+        name = record["plugin"]
+        if hooks.can_replay(name):
+            hooks.replay_structure(ctx, model, name, record["change"])
+            continue
+        from .config import resolve
+
+        try:
+            cfg = resolve(recipe={"plugins": [name], name: record.get("settings") or {}}, registries=registries)
+        except TricksError as error:
+            raise TricksError(f"the model of {source} was changed by plugin '{name}' (epoch {record.get('epoch', 0) + 1}), "
+                              f"which cannot be re-created here ({error}); install it, or pass the plugin to tricks.run") from None
+        Hooks([(n, p) for n, p in cfg.instantiate() if n == name]).replay_structure(ctx, model, name, record["change"])
 
 
 def build_model(cfg: RunConfig, device: str | torch.device = "cpu", *, num_classes: int, in_chans: int,
-                image_size: int, reporter: Reporter | None = None) -> torch.nn.Module:
+                image_size: int, reporter: Reporter | None = None, structure: list[dict] | None = None,
+                registries: list[Path] | None = None, hooks: Hooks | None = None,
+                source: str = "the checkpoint") -> torch.nn.Module:
     """The model a run with config ``cfg`` builds for data of this shape, through its plugins'
-    ``build_model`` hooks and the core's provider, with fresh weights (no data is loaded)."""
-    hooks = Hooks(cfg.instantiate(), core=CoreDefaults())
+    ``build_model`` hooks and the core's provider, with fresh weights (no data is loaded), and
+    with the recorded structural changes ``structure`` replayed (see :func:`replay`)."""
+    builder = Hooks(cfg.instantiate(), core=CoreDefaults())
     ctx = RunContext(core=cfg.core, run_config=cfg, device=torch.device(device), rank=0, world_size=1, run_dir=None,
                      num_classes=num_classes, in_chans=in_chans, image_size=image_size, train_size=0,
                      steps_per_epoch=1, epochs=cfg.core.epochs, reporter=reporter or Reporter())
     with torch.random.fork_rng(devices=[]):
-        model = hooks.build_model(ctx)
-    if model is None:
-        raise TricksError(f"no plugin of the run built the model '{cfg.core.model}'")
+        model = builder.build_model(ctx)
+        if model is None:
+            raise TricksError(f"no plugin of the run built the model '{cfg.core.model}'")
+        if structure:
+            replay(hooks or builder, ctx, model, structure, registries, source)
     return model
+
+
+class FiniteLoss:
+    """Stops a run whose training loss becomes NaN or infinite, at the step it happens.
+
+    On the CPU each step's loss is checked directly. On a GPU the check is queued on the device
+    (the first bad step is kept in a device tensor) and its result copied to pinned host memory
+    without waiting; the host reads it once the copy has landed, a step or two later, so there
+    is no host synchronisation per step. ``check`` (at the end of an epoch, already a sync
+    point) sees anything still in flight."""
+
+    def __init__(self, ctx: "RunContext", lazy: bool | None = None, event: Any = None):
+        self.ctx = ctx
+        self.lazy = ctx.device.type == "cuda" if lazy is None else lazy
+        if self.lazy:
+            cuda = ctx.device.type == "cuda"
+            self.first = torch.full((), -1, dtype=torch.int64, device=ctx.device)
+            self.host = torch.full((), -1, dtype=torch.int64)
+            self.host = self.host.pin_memory() if cuda else self.host
+            self.event = event if event is not None else torch.cuda.Event()
+            self.pending = False
+
+    def step(self, loss: torch.Tensor, epoch: int, step: int, batch: dict | None = None) -> None:
+        if not self.lazy:
+            value = loss.detach()
+            if not torch.isfinite(value).all():
+                raise Diverged(epoch, step + 1, float(value.float().sum()), likely_cause(self.ctx.core, batch))
+            return
+        bad = ~torch.isfinite(loss.detach()).all()
+        self.first = torch.where(bad & (self.first < 0), torch.full_like(self.first, step + 1), self.first)
+        if self.pending and self.event.query():
+            self.pending = False
+            self._raise_if_bad(epoch)
+        if not self.pending:
+            self.host.copy_(self.first, non_blocking=True)
+            self.event.record()
+            self.pending = True
+
+    def check(self, epoch: int) -> None:
+        if self.lazy:
+            self.event.synchronize()
+            self.host.copy_(self.first)
+            self.pending = False
+            self._raise_if_bad(epoch)
+
+    def _raise_if_bad(self, epoch: int) -> None:
+        step = int(self.host)
+        if step >= 0:
+            raise Diverged(epoch, step, None, likely_cause(self.ctx.core))
+
+
+def likely_cause(core: CoreSettings, batch: dict | None = None) -> str:
+    """What most often makes a loss non-finite, for the run's settings (and the batch, when it
+    is at hand: inputs that are already non-finite point at the data or a plugin's on_batch)."""
+    inputs = (batch or {}).get("input")
+    if isinstance(inputs, torch.Tensor) and inputs.is_floating_point() and not torch.isfinite(inputs).all():
+        return "the batch's inputs were already non-finite: check the data, and the plugins that change batches"
+    cause = f"the learning rate (core.lr={core.lr:g}) is likely too high for this model and batch size: lower --lr or add warmup"
+    if core.precision == "fp16":
+        cause += ", or train in bf16 or fp32 (fp16 overflows more easily)"
+    return cause
+
+
+def check_free_space(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Refuse to start when the run directory's disk cannot hold two checkpoints (the new one is
+    written beside the old one before it replaces it). A checkpoint holds the model and the
+    optimizer's state: counted here as three copies of the model's tensors (SGD momentum or
+    Adam's two moments), plus room for the metrics and curves."""
+    import shutil
+
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values() if isinstance(t, torch.Tensor))
+    need = 2 * 3 * size + (4 << 20)
+    free = shutil.disk_usage(path).free
+    if free < need:
+        raise TricksError(f"{path} has {free / 2**20:.0f} MiB free, and this run's checkpoints need about "
+                          f"{need / 2**20:.0f} MiB; free space there or choose another --out")
 
 
 def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False,

@@ -14,7 +14,7 @@ class Settings(BaseModel):
     Unknown keys and values of the wrong type or range are errors that name the key.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class Plugin:

@@ -20,6 +20,7 @@ from pathlib import Path
 from unittest import mock
 
 import tricks
+from tricks import RunDir
 from tricks.testing import one_torch_thread  # noqa: F401  (re-exported for the tests)
 
 HERE = Path(__file__).resolve().parent
@@ -43,7 +44,7 @@ class KillAtEpoch(tricks.Plugin):
 
 class KillWhileSaving(tricks.Plugin):
     """SIGKILL this process in the middle of writing the checkpoint of epoch ``epoch`` (0-based):
-    its plugin state pickles into a kill, after the atomic write has made its temporary file."""
+    its temporary file is written and synced, the rename into place never happens."""
 
     def __init__(self, epoch: int):
         super().__init__()
@@ -51,12 +52,30 @@ class KillWhileSaving(tricks.Plugin):
 
     @tricks.hookimpl
     def state_dict(self, ctx):
-        return _KillWhenPickled() if ctx.epoch == self.epoch else None
+        if ctx.epoch == self.epoch:
+            kill_at_write(RunDir.CHECKPOINT.name, before=True)
+        return None
 
 
-class _KillWhenPickled:
-    def __reduce__(self):
-        os.kill(os.getpid(), signal.SIGKILL)
+def kill_at_write(name: str, before: bool, nth: int = 1) -> None:
+    """From now on, SIGKILL this process at the ``nth`` atomic rename onto a file called ``name``
+    (any name: ``"*"``), just ``before`` it or just after it. For a process about to be killed:
+    it patches ``os.replace`` for the whole process."""
+    real = os.replace
+    seen = [0]
+
+    def replace(src, dst, *args, **kwargs):
+        if name in ("*", Path(dst).name):
+            seen[0] += 1
+            if seen[0] == nth and before:
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(src, dst, *args, **kwargs)
+            if seen[0] == nth:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return
+        real(src, dst, *args, **kwargs)
+
+    os.replace = replace
 
 
 def start(argv: list[str], cwd: Path | None = None, env: dict | None = None) -> subprocess.Popen:
@@ -122,7 +141,7 @@ def one_line_error(code: int, stderr: str, *fragments: str) -> str:
 def leftovers(run_dir: Path) -> list[str]:
     """Temporary files (the atomic writes' ``.NAME.*`` files) anywhere in a run directory."""
     return sorted(str(p.relative_to(run_dir)) for p in Path(run_dir).rglob("*")
-                  if p.name.startswith(".") or p.name.endswith(".tmp"))
+                  if (p.name.startswith(".") or p.name.endswith(".tmp")) and p.name != ".lock")
 
 
 def snapshot(run_dir: Path) -> dict[str, bytes]:

@@ -67,7 +67,7 @@ def test_two_processes_train_one_run_and_resume(tmp_path):
     printed = events(proc.stdout)
     assert [e["event"] for e in printed] == ["epoch", "epoch", "summary"]
     assert run.summary()["world_size"] == 2
-    assert sorted(p.name for p in run.path.iterdir()) == ["checkpoints", "config.yaml", "curves.png", "metrics.jsonl", "summary.json"]
+    assert sorted(p.name for p in run.path.iterdir()) == [".lock", "checkpoints", "config.yaml", "curves.png", "metrics.jsonl", "summary.json"]
     assert leftovers(run.path) == []
 
     rows = run.metrics()

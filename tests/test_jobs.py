@@ -109,7 +109,7 @@ def test_a_continued_job_must_be_the_same_plan_and_one_job_holds_a_folder(tmp_pa
         run_job(Job(tmp_path / "a_file", "test", [Item("a", recipe())]))
     held = lock(out)
     try:
-        with pytest.raises(TricksError, match="another job is running in"):
+        with pytest.raises(TricksError, match="in use by process .*another job is running in it"):
             run_job(Job(out, "test", [Item("a", recipe())]))
     finally:
         held.close()
@@ -176,6 +176,17 @@ def _killed_job(kind: str, mode: str, out: Path) -> None:
             return read(run)
 
         tricks.jobs.run_result = run_result
+    if mode == "committed":  # the last epoch's checkpoint renamed into place, its metrics and summary not
+        real, renamed = os.replace, []
+
+        def replace(src, dst, *args, **kwargs):
+            real(src, dst, *args, **kwargs)
+            if target in str(dst) and Path(dst).name == tricks.RunDir.CHECKPOINT.name:
+                renamed.append(dst)
+                if len(renamed) == FAST["epochs"]:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        os.replace = replace
     _run(kind, out, [Kill(target, {"started": 0, "interrupted": 1}.get(mode, -1))])
 
 
@@ -193,7 +204,7 @@ def _results(out: Path) -> dict[str, dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["started", "interrupted", "finished"])
+@pytest.mark.parametrize("mode", ["started", "interrupted", "committed", "finished"])
 @pytest.mark.parametrize("kind", ["ablate", "sample"])
 def test_ablate_and_sample_resume_the_same_way(tmp_path, uninterrupted, kind, mode):
     out = tmp_path / kind
@@ -204,7 +215,7 @@ def test_ablate_and_sample_resume_the_same_way(tmp_path, uninterrupted, kind, mo
     killed = next(p for p in (out / "runs").rglob("config.yaml") if TARGETS[kind] in str(p)).parent
     assert len(_results(out)) == 1  # the first item finished, the second was killed
     run = tricks.RunDir(killed)
-    assert run.status() == mode
+    assert run.status() == {"committed": "interrupted"}.get(mode, mode)
     before = snapshot(killed)
 
     with one_torch_thread():
@@ -219,5 +230,7 @@ def test_ablate_and_sample_resume_the_same_way(tmp_path, uninterrupted, kind, mo
     assert [r["epoch"] for r in rows] == [1, 2]
     if mode == "finished":
         assert snapshot(killed) == before  # read, not trained again
+    if mode == "committed":  # completed from its checkpoint, not trained again
+        assert snapshot(killed)[str(tricks.RunDir.CHECKPOINT)] == before[str(tricks.RunDir.CHECKPOINT)]
     if mode == "interrupted":
         assert rows[0] == json.loads(before["metrics.jsonl"].decode().splitlines()[0])  # epoch 1 kept

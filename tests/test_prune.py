@@ -43,9 +43,18 @@ def keep_bn(bn: nn.BatchNorm2d, keep: torch.Tensor) -> nn.BatchNorm2d:
     return new
 
 
+def slice_block(block: nn.Module, keep: torch.Tensor) -> None:
+    """Keep the output channels ``keep`` of ``block.conv1``: slice conv1, its BatchNorm and
+    conv2's input channels."""
+    block.conv1 = keep_conv(block.conv1, out=keep)
+    block.bn1 = keep_bn(block.bn1, keep)
+    block.conv2 = keep_conv(block.conv2, into=keep)
+
+
 class HalveFirstBlock(tricks.Plugin):
     """At the end of epoch 0, keep the half of ``stages[0][0].conv1``'s output channels with the
-    largest L1 norm: slice conv1, its BatchNorm and conv2's input channels."""
+    largest L1 norm. The change is recorded as data (the kept indices) and replayed on a fresh
+    model at resume."""
 
     def __init__(self, settings=None):
         super().__init__(settings)
@@ -58,11 +67,13 @@ class HalveFirstBlock(tricks.Plugin):
         block = model.stages[0][0]
         norms = block.conv1.weight.detach().abs().sum((1, 2, 3))
         keep = norms.argsort(descending=True)[: len(norms) // 2].sort().values
-        block.conv1 = keep_conv(block.conv1, out=keep)
-        block.bn1 = keep_bn(block.bn1, keep)
-        block.conv2 = keep_conv(block.conv2, into=keep)
+        slice_block(block, keep)
         self.done = True
-        return {"layer": LAYER, "kept": len(keep)}
+        return {"layer": LAYER, "keep": keep.tolist()}
+
+    @tricks.hookimpl
+    def replay_structure(self, ctx, model, change):
+        slice_block(model.get_submodule(change["layer"].rpartition(".")[0]), torch.tensor(change["keep"]))
 
     @tricks.hookimpl
     def state_dict(self, ctx):
@@ -141,10 +152,11 @@ def test_a_checkpoint_taken_after_pruning_resumes(tmp_path):
                           out=reference, **TINY_API)
     finish_killed(killed)
 
-    checkpoint = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    checkpoint = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)  # data only
     assert checkpoint["epoch"] == 2
     assert checkpoint["plugins"]["HalveFirstBlock"] == {"done": True}
-    assert checkpoint["model_object"].get_submodule(LAYER).out_channels == checkpoint["model"][LAYER + ".weight"].shape[0]
+    [record] = checkpoint["structure"]
+    assert record["plugin"] == "HalveFirstBlock" and record["epoch"] == 0 and len(record["change"]["keep"]) == 8
     assert checkpoint["model"][LAYER + ".weight"].shape[0] == 8
 
     pruner = HalveFirstBlock()
@@ -160,3 +172,67 @@ def test_a_checkpoint_taken_after_pruning_resumes(tmp_path):
         assert a["val_acc"] == b["val_acc"] and a["step"] == b["step"] and a.get("params") == b.get("params")
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-6)
+
+
+class NoReplay(HalveFirstBlock):
+    """Prunes, but cannot replay what it did."""
+
+    replay_structure = None
+
+
+class WrongReplay(HalveFirstBlock):
+    """Replays a different change from the one it made."""
+
+    @tricks.hookimpl
+    def replay_structure(self, ctx, model, change):
+        slice_block(model.get_submodule(change["layer"].rpartition(".")[0]), torch.tensor(change["keep"][:-1]))
+
+
+class ReturnsAModule(HalveFirstBlock):
+    """Returns an object where data is asked for."""
+
+    @tricks.hookimpl
+    def prune(self, ctx, model):
+        change = super().prune(ctx, model)
+        return None if change is None else {"module": model.stages[0][0].conv1}
+
+
+@pytest.mark.parametrize("plugin, fragment", [
+    (NoReplay, "implements no replay_structure"),
+    (WrongReplay, "does not give the model they made"),
+    (ReturnsAModule, "returned what a checkpoint cannot hold (it['module'] is a torch.nn.modules.conv.Conv2d)"),
+])
+def test_a_structural_change_that_cannot_be_replayed_stops_the_run_at_once(tmp_path, plugin, fragment):
+    with one_torch_thread(), pytest.raises(tricks.TricksError, match="^[^\n]*$") as caught:
+        tricks.run(plugins=[plugin()], epochs=2, seed=SEED, device="cpu", out=tmp_path / "run", **TINY_API)
+    assert fragment in str(caught.value) and plugin.__name__ in str(caught.value)
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()  # no checkpoint that cannot be resumed
+
+
+def test_a_pruned_run_is_rebuilt_from_data_by_the_plugin_that_pruned_it(tmp_path):
+    source = tmp_path / "pruned"
+    with one_torch_thread():
+        tricks.run(plugins=[HalveFirstBlock()], epochs=1, seed=SEED, device="cpu", out=source, **TINY_API)
+    run = tricks.RunDir(source)
+    # Outside the run, an ad-hoc plugin cannot be re-created: one line that names it.
+    with pytest.raises(tricks.TricksError, match="changed by plugin 'HalveFirstBlock'.*cannot be re-created"):
+        run.build_model()
+    # A run that starts from it, with the plugin, gets the pruned model and its weights.
+    done = HalveFirstBlock()
+    done.done = True
+
+    class Capture(tricks.Plugin):
+        @tricks.hookimpl
+        def on_fit_start(self, ctx):
+            self.model = {k: v.detach().clone() for k, v in ctx.model.state_dict().items()}
+
+    capture = Capture()
+    with one_torch_thread():
+        tricks.run(plugins=[done, capture], epochs=1, seed=SEED, device="cpu", out=tmp_path / "fine-tuned",
+                   init_from=str(source), **TINY_API)
+    weights = run.load_checkpoint()["model"]
+    assert capture.model.keys() == weights.keys()
+    for key, value in weights.items():
+        torch.testing.assert_close(capture.model[key], value)
+    # The fine-tuned run carries the structure on: its own checkpoint replays it too.
+    assert tricks.RunDir(tmp_path / "fine-tuned").load_checkpoint()["structure"] == run.load_checkpoint()["structure"]

@@ -154,7 +154,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
         (["--plugins", "mixup", "--set", "mixup.alfa=1"], "mixup.alfa"),
         (["--model", "resnet21"], "unknown model 'resnet21'"),
         (["--dataset", "npz"], "--data-dir"),
-        (["--dataset", "npz", "--data-dir", str(tmp_path)], "no .npz shards"),
+        (["--dataset", "npz", "--data-dir", str(tmp_path)], "npz shards in"),
         (["--config", str(tmp_path / "missing.yaml")], "does not exist"),
         (["--batch-size", "4096"], "larger than the training set"),
         (["--resume", str(tmp_path / "nothing")], "no config.yaml"),

@@ -2,11 +2,16 @@
 against its definition, Hinton's gradient ``(q - p) / T``, the weighting around the loss in force,
 loading the teacher from a run directory, a checkpoint file and timm with a weights file, the
 teacher's isolation (eval mode, no gradients, not in the optimizer, the student's exact input),
-the errors a user can meet, and short runs composed with mixup and label smoothing."""
+the errors a user can meet (bad teacher files among them, refused without running anything in
+them), and short runs composed with mixup and label smoothing."""
 
 from __future__ import annotations
 
+import gzip
+import io
 import math
+import os
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +23,7 @@ import tricks
 from tricks.builtin import cross_entropy
 from tricks.models import create_model
 from tricks.testing import BatchWatcher, call_wrapper, make_ctx, tiny_run
+import tricks_kd
 from tricks_kd import KDSettings, KnowledgeDistillation, distillation_loss, load_teacher, soft_loss
 
 K = 10  # digits: 10 classes, 1 channel, 8x8
@@ -67,33 +73,30 @@ def teacher_reference(teacher_dir: Path) -> nn.Module:
     return model.eval()
 
 
-SEEN: list[dict] = []  # what every RecordingTeacher forward saw
+SEEN: list[dict] = []  # what every forward of the recorded teacher saw
 
 
-class RecordingTeacher(nn.Module):
-    """A teacher that records how it is called, then runs the network it wraps."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        SEEN.append({"x": x, "training": self.training, "grad": torch.is_grad_enabled(),
-                     "autocast": torch.is_autocast_enabled("cpu"), "teacher": self})
-        return self.net(x)
-
-
-def save_model_object(module: nn.Module, path: Path) -> Path:
-    """A checkpoint like the one the core writes after pruning: weights, config and the model."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": module.state_dict(), "config": tricks.resolve(plugins=[]).to_dict(), "model_object": module}, path)
-    return path
+def record_forward(module: nn.Module, args: tuple) -> None:
+    """A forward pre-hook: how the teacher is called, before it runs."""
+    SEEN.append({"x": args[0], "training": module.training, "grad": torch.is_grad_enabled(),
+                 "autocast": torch.is_autocast_enabled("cpu"), "teacher": module})
 
 
 @pytest.fixture
-def recording(teacher_dir, tmp_path) -> Path:
+def recording(teacher_dir, monkeypatch) -> Path:
+    """``teacher_dir``, whose model kd rebuilds with a forward pre-hook that records every call in
+    SEEN: ``checkpoint_model`` (the one place kd gets the teacher's model from) is watched, the
+    model it builds is the one kd uses, unchanged but for the hook."""
+    real = tricks_kd.checkpoint_model
+
+    def watched(*args, **kwargs):
+        model = real(*args, **kwargs)
+        model.register_forward_pre_hook(record_forward)
+        return model
+
+    monkeypatch.setattr(tricks_kd, "checkpoint_model", watched)
     SEEN.clear()
-    return save_model_object(RecordingTeacher(teacher_reference(teacher_dir)), tmp_path / "recording.pt")
+    return teacher_dir
 
 
 # --- the math -------------------------------------------------------------------------------
@@ -283,9 +286,44 @@ def test_teacher_is_rebuilt_from_the_teacher_runs_own_config(tmp_path):
         torch.testing.assert_close(teacher.eval()(x), net.eval()(x))
 
 
-def test_teacher_from_a_model_object_checkpoint(recording):
-    loss, plugin = build(make_ctx(), RecordingLoss(), teacher=str(recording))
-    assert isinstance(plugin.teacher, RecordingTeacher)
+def test_the_teacher_is_the_model_its_checkpoint_rebuilds_with_the_recorded_structure(teacher_dir, tmp_path, monkeypatch):
+    # A checkpoint taken after a structural change records the change as data; kd hands the whole
+    # checkpoint to checkpoint_model, which replays it, and distils from the model it returns.
+    checkpoint = tricks.RunDir(teacher_dir).load_checkpoint()
+    structure = [{"plugin": "a_pruner", "epoch": 0, "change": {"stages.0.0.conv1": [0, 2, 5]}, "settings": {}}]
+    path = tmp_path / "pruned.pt"
+    torch.save({**checkpoint, "structure": structure}, path)
+    replayed = create_model("resnet8", K, 1)
+    calls = []
+
+    def rebuilt(checkpoint, source, **shape):
+        calls.append((checkpoint, source, shape))
+        return replayed
+
+    monkeypatch.setattr(tricks_kd, "checkpoint_model", rebuilt)
+    loss, plugin = build(make_ctx(), RecordingLoss(), teacher=str(path))
+    ((given, source, shape),) = calls
+    assert given["structure"] == structure and str(path) in source
+    assert shape == {"num_classes": K, "in_chans": 1, "image_size": 8}  # the student's data shape
+    assert plugin.teacher is replayed
+    for name, value in replayed.state_dict().items():  # with the checkpoint's weights
+        torch.testing.assert_close(value, checkpoint["model"][name])
+
+
+def test_a_teacher_run_with_ad_hoc_plugins_says_they_are_left_out(tmp_path):
+    run = tiny_run(plugins=[BatchWatcher()], out=tmp_path / "adhoc", **SMALL)
+    ctx = make_ctx()
+    load_teacher(str(run.path), ctx)
+    (line,) = [m for m in ctx.logs if "ad-hoc plugins" in m]
+    assert "(BatchWatcher)" in line and "rebuilt without them" in line and "replayed" not in line
+    checkpoint = run.load_checkpoint()
+    change = {"plugin": "BatchWatcher", "epoch": 0, "change": {"width": 4}, "settings": {}}
+    torch.save({**checkpoint, "structure": [change]}, tmp_path / "changed.pt")
+    ctx = make_ctx()
+    with pytest.raises(tricks.TricksError, match="plugin 'BatchWatcher'.*cannot be re-created"):
+        load_teacher(str(tmp_path / "changed.pt"), ctx)  # its change cannot be replayed without it
+    (line,) = [m for m in ctx.logs if "ad-hoc plugins" in m]
+    assert "rebuilt without them, then its recorded structural changes are replayed" in line
 
 
 @pytest.mark.parametrize("layout", ["state_dict", "checkpoint", "ddp"])
@@ -326,7 +364,7 @@ def test_bad_teacher_paths_name_the_problem(tmp_path):
     with pytest.raises(tricks.TricksError, match="has no checkpoints/last.pt"):
         build(make_ctx(), RecordingLoss(), teacher=str(tmp_path))
     (tmp_path / "junk.pt").write_text("not a checkpoint")
-    with pytest.raises(tricks.TricksError, match="cannot read the teacher checkpoint"):
+    with pytest.raises(tricks.TricksError, match=r"the teacher checkpoint \S*junk\.pt.*kd\.teacher_weights=FILE"):
         build(make_ctx(), RecordingLoss(), teacher=str(tmp_path / "junk.pt"))
     torch.save({"fc.weight": torch.zeros(K, 4)}, tmp_path / "weights.pt")
     with pytest.raises(tricks.TricksError, match="not a tricks checkpoint.*teacher_weights"):
@@ -335,8 +373,101 @@ def test_bad_teacher_paths_name_the_problem(tmp_path):
         build(make_ctx(), RecordingLoss(), teacher="timm:resnet_nonexistent", allow_random_teacher=True)
 
 
-def test_class_count_mismatch_names_both(teacher_dir, recording, tmp_path):
-    for source in (teacher_dir, recording):  # rebuilt from the config, and a pickled model
+class RunsCode:
+    """Pickles into a call of ``os.mkdir(marker)``: a file holding it runs that when unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def _zip_not_torch() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("weights.txt", "1 2 3")
+    return buffer.getvalue()
+
+
+# Bad teacher files: name -> what the file holds, built from a real checkpoint or a timm state
+# dict (bytes are written as they are, anything else with torch.save).
+BAD_FILES = {
+    "empty": lambda real, state, marker: b"",
+    "random bytes": lambda real, state, marker: bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0),
+                                                                    dtype=torch.uint8).tolist()),
+    "truncated": lambda real, state, marker: real[: len(real) // 2],
+    "text": lambda real, state, marker: b"teacher: resnet20\n",
+    "a zip that is not a torch file": lambda real, state, marker: _zip_not_torch(),
+    "gzip of a checkpoint": lambda real, state, marker: gzip.compress(real),
+    "numpy arrays": lambda real, state, marker: {k: v.numpy() for k, v in state.items()},
+    "code in the pickle": lambda real, state, marker: {**state, "hook": RunsCode(marker)},
+    "a list of tensors": lambda real, state, marker: list(state.values()),
+    "strings for tensors": lambda real, state, marker: {k: "0" for k in state},
+    "missing keys": lambda real, state, marker: dict(list(state.items())[:3]),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_FILES))
+@pytest.mark.parametrize("given_as", ["teacher", "teacher_weights"])
+def test_bad_teacher_files_are_one_line_that_names_the_file_and_run_nothing(teacher_dir, tmp_path, kind, given_as):
+    import timm
+
+    real = (teacher_dir / "checkpoints" / "last.pt").read_bytes()
+    if given_as == "teacher":  # a tricks checkpoint whose weights are bad
+        checkpoint = tricks.RunDir(teacher_dir).load_checkpoint()
+        content = BAD_FILES[kind](real, checkpoint["model"], tmp_path / "ran")
+        if isinstance(content, dict):
+            content = {**checkpoint, "model": content}
+        settings = {"teacher": str(tmp_path / "bad.pt")}
+        fixes = ("--set kd.teacher=timm:NAME --set kd.teacher_weights=FILE", "use weights of the same architecture",
+                 "save model.state_dict() with torch.save")
+    else:
+        state = timm.create_model("resnet18", num_classes=K, in_chans=1).state_dict()
+        content = BAD_FILES[kind](real, state, tmp_path / "ran")
+        settings = {"teacher": "timm:resnet18", "teacher_weights": str(tmp_path / "bad.pt")}
+        fixes = ("torch.save(model.state_dict(), FILE)", "save model.state_dict() with torch.save",
+                 "use weights of the same architecture")
+    path = tmp_path / "bad.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    with pytest.raises(tricks.TricksError) as caught:
+        build(make_ctx(), RecordingLoss(), **settings)
+    message = str(caught.value)
+    assert "\n" not in message and str(path) in message
+    assert any(fix in message for fix in fixes), message
+    assert not (tmp_path / "ran").exists()  # nothing in the file was run
+
+
+def test_a_numpy_pickle_refused_as_a_teacher_loads_once_saved_as_tensors(tmp_path):
+    # Decided: arrays pickled by numpy are objects to torch.load(weights_only=True) and are
+    # refused; the same weights converted with torch.from_numpy and saved again are accepted.
+    import timm
+
+    net = timm.create_model("resnet18", num_classes=K, in_chans=1).eval()
+    arrays = {k: v.numpy() for k, v in net.state_dict().items()}
+    torch.save(arrays, tmp_path / "arrays.pt")
+    with pytest.raises(tricks.TricksError, match="arrays.pt"):
+        build(make_ctx(), RecordingLoss(), teacher="timm:resnet18", teacher_weights=str(tmp_path / "arrays.pt"))
+    torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, tmp_path / "tensors.pt")
+    _, plugin = build(make_ctx(), RecordingLoss(), teacher="timm:resnet18", teacher_weights=str(tmp_path / "tensors.pt"))
+    x = images(24)
+    with torch.no_grad():
+        torch.testing.assert_close(plugin.teacher(x), net(x))
+
+
+def test_a_teacher_whose_model_cannot_be_rebuilt_is_named(teacher_dir, tmp_path):
+    checkpoint = tricks.RunDir(teacher_dir).load_checkpoint()
+    core = {**checkpoint["config"]["core"], "model": "resnet_unknown"}
+    torch.save({**checkpoint, "config": {**checkpoint["config"], "core": core}}, tmp_path / "other.pt")
+    with pytest.raises(tricks.TricksError, match=r"cannot rebuild the teacher \S*other\.pt: .*resnet_unknown"):
+        build(make_ctx(), RecordingLoss(), teacher=str(tmp_path / "other.pt"))
+
+
+def test_class_count_mismatch_names_both(teacher_dir, tmp_path):
+    for source in (teacher_dir, teacher_dir / "checkpoints" / "last.pt"):
         with pytest.raises(tricks.TricksError, match=r"has 10 classes but the student's data has 5"):
             build(make_ctx(num_classes=5), RecordingLoss(), teacher=str(source))
     import timm

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from pydantic import field_validator
 
 import tricks
-from tricks.rundir import checkpoint_model, load_state, read_checkpoint, strip_prefix
+from tricks.rundir import checkpoint_model, load_state, read_checkpoint, safe_load, strip_prefix
 
 __version__ = "0.1.0"
 
@@ -75,6 +75,11 @@ def _head_classes(model: torch.nn.Module, state: dict, num_classes: int) -> int 
 def load_weights(model: torch.nn.Module, state: dict, source: str, num_classes: int) -> None:
     """Load ``state`` into ``model`` strictly; a wrong class count or shape is a TricksError."""
     state = strip_prefix(state)
+    odd = next((k for k, v in state.items()
+                if not isinstance(v, torch.Tensor) and not str(k).endswith("_extra_state")), None)
+    if odd is not None:
+        raise tricks.TricksError(f"the teacher weights in {source} are not all tensors ({odd!r} is a "
+                                 f"{type(state[odd]).__name__}); save model.state_dict() with torch.save")
     theirs = _head_classes(model, state, num_classes)
     if theirs is not None and theirs != num_classes:
         raise tricks.TricksError(f"the teacher {source} has {theirs} classes but the student's data has {num_classes}; "
@@ -92,7 +97,9 @@ def load_teacher(teacher: str, ctx, weights: str = "", allow_random: bool = Fals
     ``teacher`` is a tricks run directory (its last checkpoint), a checkpoint file, or
     ``timm:NAME`` (then ``weights`` is a state dict file, or a checkpoint dict with
     ``state_dict`` or ``model``). A run's model is rebuilt through its own plugins and settings
-    (:class:`tricks.RunDir`). The global random state is left as it was.
+    (:class:`tricks.RunDir`), with the structural changes its checkpoint records replayed by the
+    plugins that made them. Every file is read with :func:`tricks.rundir.safe_load`: tensors and
+    plain data only, never code. The global random state is left as it was.
     """
     teacher = (teacher or "").strip()
     if not teacher:
@@ -112,19 +119,24 @@ def load_teacher(teacher: str, ctx, weights: str = "", allow_random: bool = Fals
         try:
             checkpoint = read_checkpoint(path)
         except tricks.TricksError as error:
-            message = str(error).replace("cannot read the checkpoint", "cannot read the teacher checkpoint")
-            raise tricks.TricksError(f"{message}; for other weights use --set kd.teacher=timm:NAME "
-                                     "--set kd.teacher_weights=FILE") from None
+            raise tricks.TricksError(f"{_naming(error, path, 'the teacher checkpoint')}; for other weights use "
+                                     "--set kd.teacher=timm:NAME --set kd.teacher_weights=FILE") from None
         config = checkpoint["config"]
-        if config.get("adhoc_plugins") and "model_object" not in checkpoint:
+        if config.get("adhoc_plugins"):
+            replayed = ", then its recorded structural changes are replayed" if checkpoint.get("structure") else ""
             _log(ctx, f"kd: the teacher run also used ad-hoc plugins ({', '.join(config['adhoc_plugins'])}), "
-                      "which cannot be re-created; its model is rebuilt without them")
+                      f"which cannot be re-created; its model is rebuilt without them{replayed}")
         student_data = getattr(getattr(ctx, "core", None), "dataset", None)
         teacher_data = (config.get("core") or {}).get("dataset")
         if student_data is not None and teacher_data is not None and teacher_data != student_data:
             _log(ctx, f"kd: the teacher was trained on {teacher_data}, the student trains on {student_data}")
-        model = checkpoint_model(checkpoint, f"the teacher {path}", num_classes=ctx.num_classes,
-                                 in_chans=ctx.in_chans, image_size=ctx.image_size)
+        try:
+            model = checkpoint_model(checkpoint, f"the teacher {path}", num_classes=ctx.num_classes,
+                                     in_chans=ctx.in_chans, image_size=ctx.image_size)
+        except tricks.TricksError as error:
+            if str(path) in str(error):
+                raise
+            raise tricks.TricksError(f"cannot rebuild the teacher {path}: {error}") from None
         load_weights(model, checkpoint["model"], str(path), ctx.num_classes)
         return model
 
@@ -141,9 +153,10 @@ def _timm_teacher(teacher: str, ctx, weights: str, allow_random: bool) -> torch.
         if not path.is_file():
             raise tricks.TricksError(f"kd.teacher_weights {weights} is not a file; give a state dict saved with torch.save")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as error:
-            raise tricks.TricksError(f"cannot read the teacher weights {path}: {type(error).__name__}: {error}")
+            state = safe_load(path)
+        except tricks.TricksError as error:
+            raise tricks.TricksError(f"{_naming(error, path, 'the teacher weights file')}; kd.teacher_weights needs a "
+                                     "state dict saved with torch.save(model.state_dict(), FILE)") from None
         if isinstance(state, dict):
             for key in ("state_dict", "model", "state_dict_ema"):
                 if isinstance(state.get(key), dict):
@@ -153,6 +166,15 @@ def _timm_teacher(teacher: str, ctx, weights: str, allow_random: bool) -> torch.
             raise tricks.TricksError(f"the teacher weights {path} hold no state dict; save model.state_dict() with torch.save")
         load_weights(model, state, str(path), ctx.num_classes)
     return model
+
+
+def _naming(error: tricks.TricksError, path: Path, what: str) -> str:
+    """The core's message about the file ``path``, with the file called what it is to kd."""
+    message, name = str(error), str(path)
+    for prefix in ("cannot read the checkpoint ", "cannot read "):
+        if message.startswith(prefix + name):
+            return f"cannot read {what} {message[len(prefix):]}"
+    return f"{what} {message}" if message.startswith(name) else message
 
 
 def _log(ctx, message: str) -> None:

@@ -44,7 +44,7 @@ def test_cli_job_records_each_network_continues_and_is_analysed(tmp_path, space_
     done = run_cli("sample", "--space", str(space_file), "--n", "3", "--flops", ":1M", "--out", str(out),
                    "--plugins", "cosine", *CLI_RECIPE)
     assert done.returncode == 0, done.stderr
-    assert "3 of 3 networks trained, 0 failed" in done.stdout
+    assert "3 of 3 networks trained, 0 diverged, 0 failed" in done.stdout
     plan = json.loads((out / "sweep.json").read_text())
     assert plan["space"] == "tiny" and plan["n"] == 3 and plan["stem"] == "cifar" and plan["resolution"] == 8
     assert plan["recipe"]["plugins"] == ["cosine", "regnet"]

@@ -50,7 +50,7 @@ def sample(
     checkpoint. Then: tricks analyze SWEEP [SWEEP ...]. On CUDA, training uses bf16 and
     channels_last unless --precision or --channels-last/--no-channels-last say otherwise.
     """
-    from tricks.cli.reporters import RichSweepProgress
+    from tricks.cli.reporters import RichSweepProgress, exit_if_failed
 
     from .spaces import SpaceError, Window
     from .sweep import sample_job
@@ -66,11 +66,14 @@ def sample(
         job = plan(out, space, n, seed, window, plugins, config, set_, overrides, registry, write=False)
         print_samples(job)
         return
+    progress = RichSweepProgress(console, quiet)
     summary = sample_job(out, space, n, seed, window, plugins, config, set_, overrides, gpus, per_gpu, backend,
-                         address, RichSweepProgress(console, quiet), retry_failed, registries=registry)
+                         address, progress, retry_failed, registries=registry)
     best = f"{summary['min_error']:.2f}%" if summary["min_error"] is not None else "-"
-    console.print(f"{summary['ok']} of {summary['n']} networks trained, {summary['failed']} failed, "
-                  f"min error {best}; analyse with: tricks analyze {out}", markup=False, highlight=False)
+    console.print(f"{summary['ok']} of {summary['n']} networks trained, {summary.get('diverged', 0)} diverged, "
+                  f"{summary['failed']} failed, min error {best}; analyse with: tricks analyze {out}",
+                  markup=False, highlight=False)
+    exit_if_failed(progress.failures, "networks", Console(stderr=True))
 
 
 def print_samples(job) -> None:

@@ -17,6 +17,8 @@ from tricks.atomic import write_with
 from .stats import Sweep, as_number, count_text, edf, wm_used
 
 FIGURES = ("edf.png", "edf_normalized.png", "error_vs_params.png", "best_widths.png")
+# Only the models that finished with an error value are drawn; the EDFs' legends count the ones
+# that diverged ("k of n diverged").
 
 
 COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
@@ -63,6 +65,11 @@ def _color(i: int) -> str:
     return COLORS[i % len(COLORS)]
 
 
+def _left_out(sweep: Sweep) -> str:
+    """``, k of n diverged`` for a legend, when some of the sweep's models diverged (they are not in the curve)."""
+    return f", {sweep.diverged_text}" if sweep.diverged else ""
+
+
 def plot_edf(sweeps: Sequence[Sweep], path: Path) -> None:
     """The error EDF of every sweep, overlaid."""
     fig, axes = _grid(1, 1, (5.6, 3.6), top=0.35)
@@ -70,7 +77,7 @@ def plot_edf(sweeps: Sequence[Sweep], path: Path) -> None:
     for i, s in enumerate(sweeps):
         x, y = edf(s.errors)
         ax.step(x, y, where="post", color=_color(i), lw=1.8,
-                label=f"{s.name} (n={len(s.ok)}, min {s.errors.min():.2f}, mean {s.errors.mean():.2f})")
+                label=f"{s.name} (n={len(s.ok)}, min {s.errors.min():.2f}, mean {s.errors.mean():.2f}{_left_out(s)})")
     ax.set(xlabel="error (%)", ylabel="cumulative prob.", ylim=(0, 1.02), title="error EDF")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
@@ -89,7 +96,7 @@ def plot_edf_normalized(sweeps: Sequence[Sweep], norm: dict[str, Any] | None, no
             x, y = edf(s.errors, w)
             used = int((w > 0).sum())
             ax.step(x, y, where="post", color=_color(i), lw=1.8,
-                    label=f"{s.name} (n={used}/{len(s.ok)}, weighted mean {np.sum(w * s.errors):.2f})")
+                    label=f"{s.name} (n={used}/{len(s.ok)}, weighted mean {np.sum(w * s.errors):.2f}{_left_out(s)})")
         ax.set(xlabel="error (%)", ylabel="cumulative prob. (flops-normalized)", ylim=(0, 1.02),
                title=f"complexity-normalized EDF ({len(norm['common'])} of {len(norm['edges']) - 1} log-flops bins)")
         ax.grid(alpha=0.3)
@@ -186,7 +193,7 @@ def plot_params(sweeps: Sequence[Sweep], path: Path) -> None:
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], ls="", marker="o", ms=5, color=_color(i)) for i in range(len(sweeps))]
-    fig.legend(handles, [s.name for s in sweeps], loc="upper center", ncol=min(len(sweeps), 5), fontsize=8,
+    fig.legend(handles, [f"{s.name} ({s.diverged_text})" if s.diverged else s.name for s in sweeps], loc="upper center", ncol=min(len(sweeps), 5), fontsize=8,
                frameon=False)
     _save(fig, path)
 

@@ -1,6 +1,10 @@
 """The written report of a design-space analysis: :func:`report` loads the sweeps, computes the
 statistics (:mod:`.stats`), draws the figures (:mod:`.figures`) and writes ``summary.json`` and
 ``report.md`` - or ``report.html``, the same Markdown rendered to HTML by markdown-it-py.
+
+Models that diverged (their training loss became non-finite) or failed are left out of every
+statistic and figure; the report counts them per sweep ("k of n diverged", also in the EDFs'
+legends) and lists them.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import numpy as np
 
 from tricks import TricksError
 from tricks.atomic import write_json, write_text
+from tricks.jobs import check_writable
 
 from .figures import plot_best_widths, plot_edf, plot_edf_normalized, plot_params
 from .stats import (Sweep, as_number, best_fits, count_text, load_sweeps, normalization, normalization_bins, one_line,
@@ -137,11 +142,24 @@ def _findings(sweeps: Sequence[Sweep], rows: list[dict[str, Any]], norm: dict[st
     small = [r["label"] for r in rows if r["n_ok"] < 10]
     if small:
         out.append(f"Fewer than 10 finished models in {', '.join(small)}: their EDF and percentiles are coarse.")
+    for s in sweeps:
+        if s.diverged:
+            out.append(f"{s.name}: {s.diverged_text} (their training loss became non-finite); they are listed "
+                       "below and left out of the EDFs and every statistic.")
     failed = sum(r["n_failed"] for r in rows)
     if failed:
         out.append(f"{failed} model{'s' if failed > 1 else ''} failed; they are listed below and left out of "
                    "every statistic.")
     return out
+
+
+def _diverged_cell(sweep: Sweep) -> str:
+    return f"{len(sweep.diverged)} of {len(sweep.results)}" if sweep.diverged else "0"
+
+
+def _diverged_at(result: dict[str, Any]) -> str:
+    at = result.get("diverged_at") if isinstance(result.get("diverged_at"), dict) else {}
+    return f" (epoch {at['epoch']}, step {at['step']})" if at.get("epoch") is not None and at.get("step") is not None else ""
 
 
 def report(paths: Sequence[str | Path | Sweep], out: str | Path | None = None, fmt: str = "md", top: int = 5) -> Path:
@@ -155,6 +173,7 @@ def report(paths: Sequence[str | Path | Sweep], out: str | Path | None = None, f
         raise TricksError(f"top must be at least 1 (got {top})")
     sweeps = load_sweeps(list(paths))
     out = Path(out) if out is not None else sweeps[0].path / "analysis"
+    check_writable(out, "--out")  # before any figure is drawn
     out.mkdir(parents=True, exist_ok=True)
     rows = [summarize(s) for s in sweeps]
     try:
@@ -170,21 +189,23 @@ def report(paths: Sequence[str | Path | Sweep], out: str | Path | None = None, f
 
     f2 = lambda v: f"{v:.2f}"  # noqa: E731
     blocks: list[tuple] = [("h1", "Design-space analysis"), ("h2", "Sweeps")]
-    blocks.append(("table", ["sweep", "space", "path", "window", "resolution", "finished", "failed"],
+    blocks.append(("table", ["sweep", "space", "path", "window", "resolution", "finished", "diverged", "failed"],
                    [[s.name, s.space or "?", str(s.path), _window_text(s), s.spec.get("resolution", "?"),
-                     len(s.ok), len(s.failed)] for s in sweeps]))
+                     len(s.ok), _diverged_cell(s), len(s.failed)] for s in sweeps]))
     blocks.append(("h2", "Findings"))
     blocks.append(("list", _findings(sweeps, rows, norm, note, fits, int(top))))
     blocks.append(("h2", "Error statistics (top-1 error, %)"))
-    blocks.append(("table", ["sweep", "ok", "failed", "min", "p5", "p10", "p25", "median", "mean", "best",
+    blocks.append(("table", ["sweep", "ok", "diverged", "failed", "min", "p5", "p10", "p25", "median", "mean", "best",
                              "best flops", "best params", "flops range"],
-                   [[r["label"], r["n_ok"], r["n_failed"], f2(r["min"]), f2(r["p5"]), f2(r["p10"]), f2(r["p25"]),
+                   [[r["label"], r["n_ok"], _diverged_cell(s), r["n_failed"], f2(r["min"]), f2(r["p5"]), f2(r["p10"]), f2(r["p25"]),
                      f2(r["median"]), f2(r["mean"]), r["best_id"], count_text(r["best_flops"]),
                      count_text(r["best_params"]),
-                     f"{count_text(r['flops_min'])}–{count_text(r['flops_max'])}"] for r in rows]))
+                     f"{count_text(r['flops_min'])}–{count_text(r['flops_max'])}"] for s, r in zip(sweeps, rows)]))
     blocks.append(("h2", "Error EDF"))
+    left_out = "; ".join(f"{s.name} {s.diverged_text}" for s in sweeps if s.diverged)
     blocks.append(("p", "F(e) is the fraction of a sweep's models with error below e; a curve further up and to "
-                        "the left is a better design space."))
+                        "the left is a better design space."
+                   + (f" Models that diverged are left out of every curve: {left_out}." if left_out else "")))
     blocks.append(("img", "edf.png", "error EDF"))
     blocks.append(("h2", "Complexity-normalized EDF"))
     blocks.append(("p", "Each sweep's models are reweighted so that every sweep puts the same mass on each "
@@ -212,6 +233,11 @@ def report(paths: Sequence[str | Path | Sweep], out: str | Path | None = None, f
                         "regnet_widths(d, w0, wa, wm); 0 means the model is a RegNet. Dashed: u_j = w0 + wa*j; "
                         "dotted: the fitted quantized widths."))
     blocks.append(("img", "best_widths.png", "widths of the best models with their fits"))
+    diverged = [f"{s.name} {r['id']}{_diverged_at(r)}: {one_line(r.get('message') or 'no message')}"
+                for s in sweeps for r in s.diverged]
+    if diverged:
+        blocks.append(("h2", f"Diverged models ({len(diverged)})"))
+        blocks.append(("list", diverged))
     failures = [f"{s.name} {r['id']}: {one_line(r.get('message') or r.get('status') or 'no message')}"
                 for s in sweeps for r in s.failed]
     if failures:
@@ -221,7 +247,9 @@ def report(paths: Sequence[str | Path | Sweep], out: str | Path | None = None, f
     write_json(out / "summary.json", _finite({"sweeps": rows, "best": [
         {"sweep": s.name, "id": m["result"]["id"], "error": float(m["result"]["error"]),
          "fit": {k: m["fit"][k] for k in ("w0", "wa", "wm", "fit_error")} if m["fit"] else None}
-        for s, models in zip(sweeps, fits) for m in models]}))
+        for s, models in zip(sweeps, fits) for m in models],
+        "diverged": [{"sweep": s.name, "id": r["id"], "diverged_at": r.get("diverged_at"), "message": r.get("message")}
+                     for s in sweeps for r in s.diverged]}))
     target = out / f"report.{fmt}"
     write_text(target, to_markdown(blocks) if fmt == "md" else to_html(to_markdown(blocks, literal=True)))
     return target

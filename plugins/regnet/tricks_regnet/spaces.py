@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from .complexity import parse_count, stagewise_complexity, stagewise_flops
 from .config import AnyNetConfig, compatible
@@ -178,17 +177,35 @@ def parse_range(text: str, what: str = "range") -> tuple[float, float]:
 
 
 # --- value specs ---------------------------------------------------------------------------------
+MAX_VALUES = 1_000_000  # values of one parameter's range (a finer step samples no better)
+MAX_DEPTH = 1000  # blocks per stage (RegNet: d < 64 in all)
+MAX_STAGES = 16  # each stage halves the resolution
+# the lowest value of each parameter: (bound, whether the bound itself is allowed)
+LOWEST = {"depth": (1, True), "width": (1, True), "group_width": (1, True), "bottleneck": (0, False),
+          "w0": (0, False), "wa": (0, True), "wm": (1, False)}
+SPEC_KEYS = ("name", "description", "kind", "stages", "se", "stem_width", "params", "shared", "increasing")
+VALUE_KEYS = ("values", "low", "high", "step", "dist")
+
+
+def _number(name: str, key: str, value: Any) -> float:
+    """A finite number of a value spec, or a :class:`SpaceError` naming the parameter and key."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        what = "values must all be finite numbers" if key == "values" else f"{key} must be a finite number"
+        raise SpaceError(f"parameter '{name}': {what}, not {value!r}")
+    return float(value)
+
+
 def _values(name: str, spec: dict) -> np.ndarray | None:
     """The finite list of values of a uniform spec, or ``None`` for a continuous (log-)uniform one."""
     if "values" in spec:
-        vals = np.asarray(spec["values"], dtype=np.float64)
-        if vals.ndim != 1 or len(vals) == 0:
-            raise SpaceError(f"parameter '{name}': values must be a non-empty list")
-        return np.unique(vals)
+        raw = spec["values"]
+        if not isinstance(raw, (list, tuple)) or len(raw) == 0:
+            raise SpaceError(f"parameter '{name}': values must be a non-empty list of numbers, e.g. values: [1, 2, 4]")
+        return np.unique(np.asarray([_number(name, "values", v) for v in raw], dtype=np.float64))
     if "low" not in spec or "high" not in spec:
         raise SpaceError(f"parameter '{name}': give values: [...] or low:/high: (and optionally step:, dist:)")
-    low, high = float(spec["low"]), float(spec["high"])
-    step = float(spec.get("step", 1))
+    low, high = _number(name, "low", spec["low"]), _number(name, "high", spec["high"])
+    step = _number(name, "step", spec.get("step", 1))
     if low > high or step <= 0:
         raise SpaceError(f"parameter '{name}': needs low <= high and step > 0")
     dist = spec.get("dist", "uniform")
@@ -199,7 +216,62 @@ def _values(name: str, spec: dict) -> np.ndarray | None:
             raise SpaceError(f"parameter '{name}': a log_uniform range needs low > 0")
         return None
     count = int(math.floor((high - low) / step + 1e-9)) + 1
+    if count > MAX_VALUES:
+        raise SpaceError(f"parameter '{name}': low {low:g} to high {high:g} in steps of {step:g} is {count:,} values, "
+                         f"more than {MAX_VALUES:,}; raise step or narrow the range")
     return low + step * np.arange(count)
+
+
+def _names(value: Any, label: str, at: str) -> list[str]:
+    """``shared:``/``increasing:``: a list of parameter names, or one comma-separated string."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise SpaceError(f"{at}: {label} must be a list of parameter names, e.g. {label}: [bottleneck, group_width]")
+    return list(value)
+
+
+def check_spec(spec: Any, at: Any = None) -> None:
+    """The shape of a space spec: known keys, numbers that are numbers, a mapping per parameter.
+    ``at(*keys)`` says where a key is written (``space file F, line L, column C``); by default the
+    messages name the space. What the values mean is checked by :class:`DesignSpace`."""
+    if not isinstance(spec, dict):
+        raise SpaceError(f"a space spec is a mapping ({', '.join(SPEC_KEYS)}), not {type(spec).__name__}")
+    at = at or (lambda *keys: f"space {spec.get('name', 'custom')}")
+    for key in spec:
+        if key not in SPEC_KEYS:
+            close = difflib.get_close_matches(str(key), SPEC_KEYS, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise SpaceError(f"{at(key)}: unknown key {key!r}{hint}; a space has {', '.join(SPEC_KEYS)}")
+    for key, lo, hi in (("stages", 1, MAX_STAGES), ("stem_width", 1, 4096)):
+        value = spec.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi):
+            raise SpaceError(f"{at(key)}: {key} must be a whole number from {lo} to {hi}, not {value!r}")
+    se = spec.get("se")
+    if se is not None and (isinstance(se, bool) or not isinstance(se, (int, float)) or not 0 <= se < 1):
+        raise SpaceError(f"{at('se')}: se (the squeeze-excitation ratio) must be a number >= 0 and < 1, not {se!r}")
+    for key in ("name", "kind", "description"):
+        if spec.get(key) is not None and not isinstance(spec[key], str):
+            raise SpaceError(f"{at(key)}: {key} must be a string, not {spec[key]!r}")
+    params = spec.get("params")
+    if params is not None and not isinstance(params, dict):
+        raise SpaceError(f"{at('params')}: params must be a mapping of parameter -> range, "
+                         "e.g. params: {depth: {low: 1, high: 16}}")
+    for name, value in (params or {}).items():
+        if not isinstance(value, dict):
+            raise SpaceError(f"{at('params', name)}: parameter '{name}' must be a mapping (values: [...] or low:/high:)")
+        for key in value:
+            if key not in VALUE_KEYS:
+                raise SpaceError(f"{at('params', name, key)}: parameter '{name}' has the unknown key {key!r}; "
+                                 f"a range has {', '.join(VALUE_KEYS)}")
+        try:
+            _values(name, value)
+        except SpaceError as error:
+            raise SpaceError(f"{at('params', name)}: {error}") from None
+    for label in ("shared", "increasing"):
+        _names(spec.get(label), label, at(label))
 
 
 def _draw(name: str, spec: dict, rng: np.random.Generator, shape) -> np.ndarray:
@@ -235,6 +307,7 @@ class DesignSpace:
     """A validated design-space spec that samples networks."""
 
     def __init__(self, spec: dict[str, Any]):
+        check_spec(spec)
         self.spec = spec = copy.deepcopy(spec)
         self.name = str(spec.get("name", "custom"))
         self.kind = spec.get("kind", "anynet")
@@ -255,9 +328,18 @@ class DesignSpace:
         for key, spec_ in list(self.params.items()):
             if not isinstance(spec_, dict):
                 raise SpaceError(f"space {self.name}: parameter '{key}' must be a mapping (values: [...] or low:/high:)")
-            self.params[key] = {**spec_, "_values": _values(key, spec_)}  # the value list, made once
-        self.shared = list(spec.get("shared") or [])
-        self.increasing = list(spec.get("increasing") or [])
+            vals = _values(key, spec_)
+            self.params[key] = {**spec_, "_values": vals}  # the value list, made once
+            lowest, highest = (float(spec_["low"]), float(spec_["high"])) if vals is None else (vals.min(), vals.max())
+            bound, allowed = LOWEST[key]
+            if lowest < bound or (lowest == bound and not allowed):
+                raise SpaceError(f"space {self.name}: parameter '{key}' reaches {lowest:g}; it must stay "
+                                 f"{'>=' if allowed else '>'} {bound}: raise its low end")
+            if key == "depth" and highest > MAX_DEPTH:
+                raise SpaceError(f"space {self.name}: parameter 'depth' reaches {highest:g} blocks, more than "
+                                 f"{MAX_DEPTH}; lower it")
+        self.shared = _names(spec.get("shared"), "shared", f"space {self.name}")
+        self.increasing = _names(spec.get("increasing"), "increasing", f"space {self.name}")
         for label, group in (("shared", self.shared), ("increasing", self.increasing)):
             bad = [k for k in group if k not in ANYNET_PARAMS]
             if bad:
@@ -414,16 +496,27 @@ def get_space(name_or_path: str | Path | dict) -> DesignSpace:
         return DesignSpace(SPACES[text.lower()])
     path = Path(text)
     if path.suffix in (".yaml", ".yml") or path.exists():
-        try:
-            spec = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise SpaceError(f"space file {path} does not exist") from None
-        except yaml.YAMLError as error:
-            raise SpaceError(f"space file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
-        if not isinstance(spec, dict):
-            raise SpaceError(f"space file {path} must be a mapping (name, kind, stages, params, shared, increasing)")
-        spec.setdefault("name", path.stem)
-        return DesignSpace(spec)
+        return read_space(path)
     close = difflib.get_close_matches(text.lower(), list(SPACES), n=1)
     hint = f"did you mean {close[0]}? " if close else ""
     raise SpaceError(f"unknown design space '{text}': {hint}choose one of {', '.join(SPACES)} or a YAML file")
+
+
+def read_space(path: str | Path) -> DesignSpace:
+    """A space from a YAML file, read as tricks reads every YAML file (UTF-8, bounded, no key twice);
+    a problem is a :class:`SpaceError` naming the file, and the line and column where they are known."""
+    from tricks.config import read_yaml
+    from tricks.errors import TricksError
+
+    path = Path(path)
+    try:
+        doc = read_yaml(path, "space file", ", ".join(SPEC_KEYS))
+    except TricksError as error:
+        raise SpaceError(str(error)) from None
+    check_spec(doc, doc.at)
+    spec = dict(doc)
+    spec.setdefault("name", path.stem)
+    try:
+        return DesignSpace(spec)
+    except SpaceError as error:
+        raise SpaceError(f"{doc.source}: {error}") from None

@@ -4,6 +4,11 @@ quantized linear fit of block widths, and the summary statistics of a sweep.
 A sweep folder is what ``tricks sample`` writes: ``sweep.json`` (the space, the complexity window,
 ...) and ``results/<id>.json``, one per trained model. :mod:`.figures` draws these statistics and
 :mod:`.report` writes them up.
+
+Only the models that finished with an error value (``ok``) enter the EDFs and the statistics. A
+model whose training loss became non-finite (``diverged``; also an ``ok`` result of an older job
+whose final validation loss is not a finite number) and a model that failed are counted apart,
+so that a report can say how many of a space's models were left out and why.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ WM_RANGE = (1.2, 4.0)  # the w_m searched by the quantized linear fit (the RegNe
 
 @dataclass
 class Sweep:
-    """One sweep folder: its ``sweep.json`` (``spec``) and its results, finished (``ok``) or not."""
+    """One sweep folder: its ``sweep.json`` (``spec``) and its results: finished (``ok``), diverged
+    (``diverged``: the training loss became non-finite) or ``failed``."""
 
     path: Path
     name: str
@@ -40,6 +46,12 @@ class Sweep:
     results: list[dict[str, Any]]
     ok: list[dict[str, Any]] = field(default_factory=list)
     failed: list[dict[str, Any]] = field(default_factory=list)
+    diverged: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def diverged_text(self) -> str:
+        """``k of n diverged`` (n: every model with a result), or "" when none did."""
+        return f"{len(self.diverged)} of {len(self.results)} diverged" if self.diverged else ""
 
     @property
     def errors(self) -> np.ndarray:
@@ -72,7 +84,8 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise TricksError(f"cannot read {path}: {error}") from None
+        raise TricksError(f"cannot read {path}: {one_line(error)}; restore it, or remove it and run the "
+                          "sampling job's command again to rewrite it") from None
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -101,23 +114,32 @@ def load_sweep(path: str | Path) -> Sweep:
         results.append(result)
     results.sort(key=lambda r: (as_number(r.get("index")) if math.isfinite(as_number(r.get("index"))) else math.inf,
                                 r["id"]))
-    ok, failed = [], []
+    ok, failed, diverged = [], [], []
     for result in results:
-        if result.get("status", "ok") == "ok" and math.isfinite(as_number(result.get("error"))):
+        status = result.get("status", "ok")
+        if status == "diverged" or (status == "ok" and "final_val_loss" in result
+                                    and not math.isfinite(as_number(result["final_val_loss"]))):
+            if not result.get("message"):
+                result = {**result, "message": "its training loss became non-finite"}
+            diverged.append({**result, "status": "diverged"})
+        elif status == "ok" and math.isfinite(as_number(result.get("error"))):
             ok.append(result)
         else:
-            if result.get("status", "ok") == "ok" and not result.get("message"):
+            if status == "ok" and not result.get("message"):
                 result = {**result, "message": "finished without an error value"}
             failed.append(result)
     space = spec.get("space") if isinstance(spec.get("space"), str) else None
-    sweep = Sweep(path, space or path.resolve().name, space, spec, results, ok, failed)
+    sweep = Sweep(path, space or path.resolve().name, space, spec, results, ok, failed, diverged)
     if not results:
         where = "results/ is empty" if results_dir.is_dir() else "it has no results/ folder"
         raise TricksError(f"{path} holds no finished model yet ({where})")
     if not ok:
-        first = failed[0]
-        raise TricksError(f"{path}: none of its {len(failed)} models finished (all failed; "
-                          f"first: {first['id']}: {one_line(first.get('message') or 'no message')})")
+        first = (failed or diverged)[0]
+        counts = ("all failed" if not diverged else "all diverged" if not failed
+                  else f"{len(diverged)} diverged, {len(failed)} failed")
+        raise TricksError(f"{path}: none of its {len(results)} models finished with an error value ({counts}; "
+                          f"first: {first['id']}: {one_line(first.get('message') or 'no message')}); "
+                          "there is nothing to analyse: train more models, or change the recipe")
     return sweep
 
 
@@ -420,7 +442,8 @@ def summarize(sweep: Sweep) -> dict[str, Any]:
     flops = sweep.complexity("flops")
     flops = flops[np.isfinite(flops)]
     return {"label": sweep.name, "space": sweep.space, "path": str(sweep.path), "n_ok": len(sweep.ok),
-            "n_failed": len(sweep.failed), "min": float(errors.min()), "p5": float(p5), "p10": float(p10),
+            "n_failed": len(sweep.failed), "n_diverged": len(sweep.diverged), "n_results": len(sweep.results),
+            "min": float(errors.min()), "p5": float(p5), "p10": float(p10),
             "p25": float(p25), "median": float(median), "mean": float(errors.mean()),
             "best_id": best["id"], "best_error": float(best["error"]),
             "best_flops": as_number(cx.get("flops")), "best_params": as_number(cx.get("params")),

@@ -4,14 +4,19 @@ A job lives in one folder::
 
     SWEEP/sweep.json        what was asked: the space, n, seed, complexity window, input shape, recipe
     SWEEP/samples.jsonl     the sampled networks, in order (id, params, config, complexity)
-    SWEEP/results/ID.json   one result per finished network: ok (errors, time) or failed (the message)
+    SWEEP/results/ID.json   one result per finished network: ok (errors, time), diverged (its training
+                            loss became non-finite: where, and no error) or failed (the message)
     SWEEP/runs/ID/          the network's run directory (config.yaml, metrics.jsonl, checkpoints)
 
 A sampling job is a job of the core's engine (:mod:`tricks.jobs`), one item per network, which
 adds ``job.json`` and ``.lock`` to the folder. Every file is written atomically. The engine's
 resume policy applies: running the same job again skips the networks that have a result, resumes
 a network that was interrupted from its last checkpoint, and starts the others; a network that
-raises is recorded as failed (its traceback in ``runs/ID/error.txt``) and the job goes on.
+raises is recorded as failed (its traceback in ``runs/ID/error.txt``) and the job goes on; a
+network whose loss became non-finite is recorded as diverged, is never trained again (the same
+seed and settings diverge again), and is left out of the job's error statistics and of
+``tricks analyze``'s EDFs, which count it. ``summary.json`` counts ok, diverged and failed networks.
+The job's folder is checked for writing before the data are loaded.
 Networks are spread over local devices by a process pool (``gpus x per_gpu`` workers, each on one
 device, each keeping the data set on its device between networks), or over a Ray cluster.
 """
@@ -25,7 +30,7 @@ from typing import Any
 
 from tricks import TricksError, atomic
 from tricks import jobs
-from tricks.jobs import BACKENDS, local_devices
+from tricks.jobs import BACKENDS, check_writable, local_devices
 
 from . import resolve_stem
 from .spaces import DesignSpace, Sample, SpaceError, Window, get_space
@@ -36,7 +41,7 @@ PLUGIN = "regnet"
 class Progress:
     """What a job reports while it runs; the CLI shows it live. Every method may be left as is."""
 
-    def start(self, job: "Job", total: int, done: int, failed: int, best: float | None) -> None: ...
+    def start(self, job: "Job", total: int, done: int, failed: int, best: float | None, diverged: int = 0) -> None: ...
 
     def model_start(self, task: dict) -> None: ...
 
@@ -68,13 +73,26 @@ class Job:
         return self.out / "results" / f"{ident}.json"
 
     def results(self) -> list[dict]:
-        """The recorded results, in sample order."""
+        """The recorded results, in sample order (a file that is not a result is a TricksError)."""
         rows = []
         for i in range(self.n):
             path = self.result_path(self.ident(i))
-            if path.exists():
-                rows.append(json.loads(path.read_text()))
+            if path.is_file():
+                rows.append(jobs.read_result(path))
         return rows
+
+
+def _read_plan(path: Path) -> dict:
+    """``sweep.json``: the job's plan, a JSON object."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise TricksError(f"{path} is not a sampling job's plan ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0] if str(error) else 'unreadable'}); "
+                          "restore it, or choose another --out") from None
+    if not isinstance(meta, dict):
+        raise TricksError(f"{path} is not a sampling job's plan (not a JSON object); restore it, or choose another --out")
+    return meta
 
 
 def base_recipe(plugins: list[str] | str | None = None, config: str | Path | dict | None = None,
@@ -124,6 +142,8 @@ def plan(out: str | Path, space: str | Path | dict | DesignSpace, n: int, seed: 
     if n < 1:
         raise TricksError(f"--n {n}: ask for at least one network")
     out = Path(out)
+    if write:
+        check_writable(out, "--out")
     try:
         space = space if isinstance(space, DesignSpace) else get_space(space)
     except SpaceError as error:
@@ -138,11 +158,14 @@ def plan(out: str | Path, space: str | Path | dict | DesignSpace, n: int, seed: 
             "dataset": cfg.core.dataset, "recipe": recipe}
     existing = out / "sweep.json"
     if existing.exists():
-        old = json.loads(existing.read_text())
+        old = _read_plan(existing)
         for key in ("space_spec", "seed", "window", "resolution", "stem", "num_classes"):
             if old.get(key) != json.loads(json.dumps(meta[key])):
                 raise TricksError(f"{out} holds a sampling job with another {key.replace('_', ' ')}; "
                                   "continue it with the same command, or choose another --out")
+        if not isinstance(old.get("recipe"), dict) or not isinstance(old.get("n", n), int):
+            raise TricksError(f"{existing} is not a sampling job's plan (no recipe, or an n that is not a number); "
+                              "restore it, or choose another --out")
         if jobs.identity(old["recipe"]) != jobs.identity(recipe):
             diff = jobs.first_difference(jobs.identity(old["recipe"]), jobs.identity(recipe))
             raise TricksError(f"{out} holds a sampling job with another training recipe ({diff}); "
@@ -163,7 +186,8 @@ def plan(out: str | Path, space: str | Path | dict | DesignSpace, n: int, seed: 
 
 # --- the job -------------------------------------------------------------------------------------
 def error_of(result: dict) -> dict:
-    """A network's result with its final and best top-1 error in per cent (None when it failed)."""
+    """A network's result with its final and best top-1 error in per cent (None when it failed or
+    diverged)."""
     ok = result["status"] == "ok" and result.get("final_val_acc") is not None
     return {**result,
             "error": round(100.0 * (1.0 - result["final_val_acc"]), 4) if ok else None,
@@ -188,9 +212,9 @@ class _EngineProgress(jobs.JobProgress):
     def __init__(self, job: Job, progress: Progress):
         self.job, self.progress = job, progress
 
-    def start(self, engine, total, done, failed):
+    def start(self, engine, total, done, failed, diverged=0):
         ok = [r for r in engine.results().values() if r["status"] == "ok" and r.get("error") is not None]
-        self.progress.start(self.job, total, done, failed, min((r["error"] for r in ok), default=None))
+        self.progress.start(self.job, total, done, failed, min((r["error"] for r in ok), default=None), diverged)
 
     def item_start(self, item, resuming):
         self.progress.model_start({"id": item.id, **item.meta})
@@ -213,17 +237,21 @@ def run(job: Job, gpus: str | None = None, per_gpu: int = 1, backend: str = "loc
 
 
 def summarize(job: Job) -> dict:
+    """The job's counts (ok, diverged, failed: ``finished`` is their sum) and the error statistics of
+    its ok networks (a diverged network has no error)."""
     rows = job.results()
-    ok = [r for r in rows if r["status"] == "ok"]
+    ok = [r for r in rows if r["status"] == "ok" and r.get("error") is not None]
+    diverged = [r for r in rows if r["status"] == "diverged"]
     errors = sorted(r["error"] for r in ok)
     best = min(ok, key=lambda r: r["error"]) if ok else None
     return {
-        "space": job.space.name, "n": job.n, "finished": len(rows), "ok": len(ok), "failed": len(rows) - len(ok),
+        "space": job.space.name, "n": job.n, "finished": len(rows), "ok": len(ok), "diverged": len(diverged),
+        "failed": len(rows) - len(ok) - len(diverged), "diverged_ids": [r["id"] for r in diverged],
         "min_error": errors[0] if errors else None,
         "median_error": (errors[len(errors) // 2] if len(errors) % 2 else
                          (errors[len(errors) // 2 - 1] + errors[len(errors) // 2]) / 2) if errors else None,
         "best": best["id"] if best else None,
-        "train_hours": round(sum(r.get("time_s", 0.0) for r in rows) / 3600, 4),
+        "train_hours": round(sum(r.get("time_s") or 0.0 for r in rows) / 3600, 4),
     }
 
 
@@ -241,14 +269,19 @@ def load_job(out: str | Path) -> Job:
     out = Path(out)
     if not (out / "sweep.json").exists():
         raise TricksError(f"{out} holds no sampling job (no sweep.json); start one with tricks sample --out {out}")
-    meta = json.loads((out / "sweep.json").read_text())
+    meta = _read_plan(out / "sweep.json")
     from .config import AnyNetConfig
 
-    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines() if line.strip()]
-    samples = [Sample(r["params"], AnyNetConfig.from_dict(r["config"]), r["complexity"]) for r in rows]
-    window = Window.from_dict(meta["window"])
-    return Job(out, DesignSpace(meta["space_spec"]), meta["n"], meta["seed"], window, meta["recipe"],
-               meta["resolution"], meta["stem"], meta["num_classes"], samples[: meta["n"]])
+    try:
+        rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines() if line.strip()]
+        samples = [Sample(r["params"], AnyNetConfig.from_dict(r["config"]), r["complexity"]) for r in rows]
+        window = Window.from_dict(meta["window"])
+        return Job(out, DesignSpace(meta["space_spec"]), meta["n"], meta["seed"], window, meta["recipe"],
+                   meta["resolution"], meta["stem"], meta["num_classes"], samples[: meta["n"]])
+    except (OSError, ValueError, KeyError, TypeError, SpaceError) as error:
+        raise TricksError(f"{out} holds a sampling job that cannot be read ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0] if str(error) else 'incomplete'}); run its tricks sample "
+                          "command again to rewrite its plan") from None
 
 
 __all__ = ["Job", "Progress", "plan", "run", "sample_job", "load_job", "summarize", "local_devices", "base_recipe",
