@@ -13,7 +13,7 @@
 # Environment: PYTHON (default: the checkout's .venv when no virtualenv is active, else python),
 # GPU_SH_DEVICE (default cuda; cpu runs a smoke test on the CPU, with twice the budgets), QUICK=1
 # (the smallest sizes: every step in seconds, to check that each command runs; the default with
-# GPU_SH_DEVICE=cpu). Each step runs under `timeout` with the budget written beside it (430 s in
+# GPU_SH_DEVICE=cpu). Each step runs under `timeout` with the budget written beside it (450 s in
 # all, after a device check of at most 45 s); a step that fails or runs out of time is recorded
 # and the next one starts. Without a CUDA device it prints one line and exits 2.
 set -uo pipefail
@@ -141,7 +141,7 @@ skip() {  # skip NAME REASON
     write_results " (running)"
 }
 
-# --- the measurements: full sizes (GPU, budgets sum to 430 s) or QUICK sizes ---------------------
+# --- the measurements: full sizes (GPU, budgets sum to 450 s) or QUICK sizes ---------------------
 if [[ $QUICK == 1 ]]; then
     threads=(); [[ $DEV == cpu ]] && threads=(--threads 1)
     OVERHEAD=(--model resnet8 --batch-size 16 --steps 2 --repeats 1 "${threads[@]}")
@@ -164,6 +164,9 @@ step "augmentation cost vs timm (augment_cost.py)" 75 "$PY" benchmarks/augment_c
 step "dropblock cost (dropblock_cost.py)" 30 "$PY" plugins/dropblock/benchmarks/dropblock_cost.py --device "$DEV" "${DROPBLOCK[@]}"
 step "mixup on_batch cost (on_batch_cost.py)" 15 "$PY" plugins/mixup/benchmarks/on_batch_cost.py --device "$DEV" "${MIXUP[@]}"
 step "kd step cost (step_cost.py)" 15 "$PY" plugins/kd/benchmarks/step_cost.py --device "$DEV" "${KD[@]}"
+# The divergence check queued on the device: --lr 1e6 must stop at an early step, exit 3, one line.
+step "divergence stops the run (exit 3)" 20 bash -c '"$0" run --device "$1" --lr 1e6 --epochs 1 --model resnet8 \
+    --out "$2/diverge" --quiet; code=$?; cat "$2/diverge/summary.json"; [[ $code == 3 ]]' "$TRICKS" "$DEV" "$WORK"
 if [[ $HAVE_DATA == 1 ]]; then
     step "per-gpu packing (sample_throughput.py)" 130 "$PY" benchmarks/sample_throughput.py --dataset npz \
         --data-dir "$DATA_DIR" --device "$DEV" "${SAMPLE[@]}"

@@ -286,6 +286,8 @@ class CoreSettings(Settings):
     log_every: int = Field(25, ge=1, description="steps between live loss updates (each is one host sync)")
     curves: bool = Field(True, description="plot the learning curves to curves.png at the end of the run")
     init_from: str | None = Field(None, description="a run directory whose last weights the model starts from (fine-tuning)")
+    structure_from: str | None = Field(None, description="a run directory whose model structure (its recorded structural changes, e.g. "
+                                       "pruning) the model takes, with fresh weights: training a pruned architecture from scratch")
 
     # inf and nan are no learning rate, momentum or decay: refused like any value out of range
     model_config = ConfigDict(allow_inf_nan=False)

@@ -138,10 +138,6 @@ def _new_run_dir(cfg: RunConfig) -> Path:
     return path
 
 
-def _count_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 class Trainer:
     """One run. ``fit()`` returns the summary dict."""
 
@@ -279,6 +275,7 @@ class Trainer:
             "history": history,
             "summary": summary,
             "structure": self.structure,
+            "start_size": self.start_size,
             "config": self.cfg.to_dict(),
             "shape": {"num_classes": ctx.num_classes, "in_chans": ctx.in_chans, "image_size": ctx.image_size},
         }
@@ -347,8 +344,13 @@ class Trainer:
         self._history: list[dict] = []
         try:
             model = self._build_model()
+            if checkpoint is None and core.init_from and core.structure_from:
+                raise TricksError("core.init_from already gives the model that run's structure (and its weights); "
+                                  "drop core.structure_from, or drop core.init_from to train the structure from scratch")
             if checkpoint is None and core.init_from:
                 model, self.structure = self._init_from(model, core.init_from)
+            elif checkpoint is None and core.structure_from:
+                self.structure = self._structure_from(model, core.structure_from)
             if checkpoint is not None:
                 self.structure = list(checkpoint.get("structure") or [])
                 replay(self.hooks, ctx, model, self.structure, source=str(self.run.checkpoint_path))
@@ -368,6 +370,9 @@ class Trainer:
             ctx.epoch = ctx.start_epoch
             if self.rank == 0:
                 check_free_space(self.run.path, ctx.model, ctx.optimizer)
+            # The model's size as the run starts (after any restored or inherited structural change).
+            self.start_size = checkpoint.get("start_size") if checkpoint is not None else None
+            self.start_size = self.start_size or self._complexity()
             self._write_config()
             self.reporter.start(ctx)
             for note in getattr(data, "notes", None) or []:
@@ -383,7 +388,7 @@ class Trainer:
                     self._record_structure(changes)
                     ctx.model = self._place(ctx.model)  # new layers may have been built on the host
                     self._build_optimization()
-                    row["params"] = _count_params(ctx.model)
+                    row.update(self._complexity())  # the epoch that changed the model reports its new size
                 hooks.on_epoch_end(ctx, epoch, row)
                 history.append(row)
                 if epoch == core.epochs - 1:
@@ -412,6 +417,26 @@ class Trainer:
         replay(self.hooks, self.ctx, model, structure, source=str(run.checkpoint_path))
         load_state(model, checkpoint["model"], str(run.checkpoint_path))
         return model, structure
+
+    def _complexity(self) -> dict[str, int]:
+        """``{"params", "macs"}`` of the model now (MACs of one image of the run's data)."""
+        from .models import complexity
+
+        return complexity(self.ctx.model, self.ctx.in_chans, self.ctx.image_size)
+
+    def _structure_from(self, model: torch.nn.Module, source: str) -> list[dict]:
+        """``core.structure_from``: the freshly built model takes another run's structural changes
+        (the architecture a pruning run ended with), keeping its own fresh weights: the "from
+        scratch" control of pruning. The changes become part of this run's structure."""
+        checkpoint = RunDir(source).load_checkpoint()
+        if checkpoint is None:
+            raise TricksError(f"core.structure_from={source}: no checkpoint there ({RunDir.CHECKPOINT}); "
+                              "name a run directory that has trained at least one epoch")
+        structure = list(checkpoint.get("structure") or [])
+        if not structure:
+            self.reporter.log(f"core.structure_from={source}: that run's model was never changed; training it as built")
+        replay(self.hooks, self.ctx, model, structure, source=str(RunDir(source).checkpoint_path))
+        return structure
 
     def _finished(self, checkpoint: dict) -> dict:
         """``--resume`` of a run whose last epoch is committed: write what a kill after that
@@ -509,7 +534,9 @@ class Trainer:
             "versions": self.cfg.versions,
             "model": ctx.core.model,
             "dataset": ctx.core.dataset,
-            "params": _count_params(ctx.model),
+            **self._complexity(),
+            "params_start": self.start_size["params"],
+            "macs_start": self.start_size["macs"],
             "seed": ctx.core.seed,
             "device": str(ctx.device),
             "precision": ctx.core.precision,

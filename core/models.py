@@ -138,3 +138,26 @@ def _is_timm_model(name: str) -> bool:
     except ImportError:
         return False
     return timm.is_model(name)
+
+
+def complexity(model: nn.Module, in_chans: int, image_size: int) -> dict[str, int]:
+    """``{"params", "macs"}`` of ``model``: its parameter count, and the multiply-accumulates of
+    a forward pass of one ``in_chans`` x ``image_size`` x ``image_size`` image (half the FLOPs
+    torch's ``FlopCounterMode`` counts), in eval mode, without gradients, on the model's device.
+    The model's mode and the global random state are left as they were."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    params = sum(p.numel() for p in model.parameters())
+    first = next(iter(model.parameters()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
+    x = torch.zeros(1, in_chans, image_size, image_size, device=device, dtype=dtype)
+    was_training = model.training
+    counter = FlopCounterMode(display=False)
+    try:
+        model.eval()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    return {"params": params, "macs": counter.get_total_flops() // 2}

@@ -236,3 +236,37 @@ def test_a_pruned_run_is_rebuilt_from_data_by_the_plugin_that_pruned_it(tmp_path
         torch.testing.assert_close(capture.model[key], value)
     # The fine-tuned run carries the structure on: its own checkpoint replays it too.
     assert tricks.RunDir(tmp_path / "fine-tuned").load_checkpoint()["structure"] == run.load_checkpoint()["structure"]
+
+
+def test_a_pruned_architecture_trains_from_scratch(tmp_path):
+    """core.structure_from: the pruned run's architecture with fresh weights (the control of
+    "Rethinking the Value of Network Pruning"); its checkpoint carries the structure on."""
+    source = tmp_path / "pruned"
+    with one_torch_thread():
+        tricks.run(plugins=[HalveFirstBlock()], epochs=1, seed=SEED, device="cpu", out=source, **TINY_API)
+    done = HalveFirstBlock()
+    done.done = True
+    with one_torch_thread():
+        summary = tricks.run(plugins=[done], epochs=1, seed=SEED + 1, device="cpu", out=tmp_path / "scratch",
+                             structure_from=str(source), **TINY_API)
+    pruned, scratch = tricks.RunDir(source).load_checkpoint(), tricks.RunDir(tmp_path / "scratch").load_checkpoint()
+    assert summary["params"] == summary["params_start"] == tricks.RunDir(source).summary()["params"]
+    assert scratch["structure"] == pruned["structure"]
+    assert scratch["model"][LAYER + ".weight"].shape == pruned["model"][LAYER + ".weight"].shape
+    assert not torch.equal(scratch["model"][LAYER + ".weight"], pruned["model"][LAYER + ".weight"])  # not its weights
+    with pytest.raises(tricks.TricksError, match="drop core.structure_from"):
+        tricks.run(plugins=[done], epochs=1, device="cpu", out=tmp_path / "both", init_from=str(source),
+                   structure_from=str(source), **TINY_API)
+
+
+def test_metrics_and_summary_carry_params_and_macs_before_and_after(tmp_path):
+    from tricks.models import complexity, create_model
+
+    with one_torch_thread():
+        summary = tricks.run(plugins=[HalveFirstBlock()], epochs=2, seed=SEED, device="cpu", out=tmp_path / "run",
+                             **TINY_API)
+    full = complexity(create_model("resnet8", 10, 1), 1, 8)
+    assert (summary["params_start"], summary["macs_start"]) == (full["params"], full["macs"])
+    assert summary["params"] < full["params"] and summary["macs"] < full["macs"]
+    row = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
+    assert (row["params"], row["macs"]) == (summary["params"], summary["macs"])
