@@ -315,9 +315,12 @@ class Trainer:
     # --- the run ----------------------------------------------------------------------------
     def fit(self) -> dict:
         self.created = False
+        self.restore_mkldnn = False
         try:
             return self._fit()
         finally:
+            if self.restore_mkldnn:
+                torch.backends.mkldnn.enabled = True
             if self.lock is not None:
                 if self.created and not self.run.has_run():
                     self.run.remove()  # a run that failed before it began leaves no folder behind
@@ -355,6 +358,7 @@ class Trainer:
                 self.structure = list(checkpoint.get("structure") or [])
                 replay(self.hooks, ctx, model, self.structure, source=str(self.run.checkpoint_path))
             ctx.model = self._place(model)
+            self._cpu_guard()
             self._build_optimization()
             ctx.loss_fn = hooks.build_loss(ctx)
             self.scaler = torch.amp.GradScaler(device.type) if core.precision == "fp16" else None
@@ -387,6 +391,7 @@ class Trainer:
                 if changes:
                     self._record_structure(changes)
                     ctx.model = self._place(ctx.model)  # new layers may have been built on the host
+                    self._cpu_guard()
                     self._build_optimization()
                     row.update(self._complexity())  # the epoch that changed the model reports its new size
                 hooks.on_epoch_end(ctx, epoch, row)
@@ -417,6 +422,17 @@ class Trainer:
         replay(self.hooks, self.ctx, model, structure, source=str(run.checkpoint_path))
         load_state(model, checkpoint["model"], str(run.checkpoint_path))
         return model, structure
+
+    def _cpu_guard(self) -> None:
+        """Train a model whose structure changed without oneDNN on the CPU. With torch 2.14.1,
+        oneDNN's convolution backward corrupts the heap (an abort or a segfault, a few steps
+        after pruning) for some pruned ResNets with narrow, odd channel counts; torch's own CPU
+        kernels do not. Slower, but a run that crashes loses its epoch. Restored at the end."""
+        if self.structure and self.ctx.device.type == "cpu" and torch.backends.mkldnn.enabled:
+            torch.backends.mkldnn.enabled = False
+            self.restore_mkldnn = True
+            self.reporter.log("the model's structure was changed: training it on the CPU without oneDNN "
+                              "(its convolution backward is unreliable for pruned channel counts)")
 
     def _complexity(self) -> dict[str, int]:
         """``{"params", "macs"}`` of the model now (MACs of one image of the run's data)."""
