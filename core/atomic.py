@@ -73,14 +73,14 @@ def _atomic(path: Path, write: Callable[[Any], None], mode: str) -> None:
     _fsync(path.parent)
 
 
-def _finite(obj: Any) -> Any:
+def finite(obj: Any) -> Any:
     """``obj`` with every non-finite float replaced by None: JSON has no NaN or Infinity."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: finite(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [finite(v) for v in obj]
     return obj
 
 
@@ -90,7 +90,7 @@ def write_text(path: Path, text: str) -> None:
 
 def dumps(obj: Any, **kwargs: Any) -> str:
     """JSON text of ``obj``, non-finite numbers written as null (strict JSON, never bare NaN)."""
-    return json.dumps(_finite(obj), allow_nan=False, **kwargs)
+    return json.dumps(finite(obj), allow_nan=False, **kwargs)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import multiprocessing
 import os
 import shutil
@@ -134,17 +133,6 @@ def read_result(path: Path) -> dict:
     if not isinstance(result, dict) or result.get("status") not in STATUSES:
         raise TricksError(f"{path} is not a job result (no status {', '.join(STATUSES)}); {fix}")
     return result
-
-
-def finite(obj: Any) -> Any:
-    """``obj`` with NaN and infinities replaced by None: result files are strict JSON."""
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 class JobProgress:
@@ -370,7 +358,7 @@ def train_item(task: dict) -> dict:
         except OSError:
             pass
     result["time_s"] = round(time.time() - start, 3)
-    return finite(result)
+    return atomic.finite(result)
 
 
 # --- backends -------------------------------------------------------------------------------------
@@ -542,7 +530,7 @@ def run_job(job: Job, *, device: str | None = None, gpus: str | None = None, per
             result = {**result, **item.meta}
             if job.describe is not None:
                 result = job.describe(result)
-            result = finite(result)
+            result = atomic.finite(result)
             atomic.write_json(job.result_path(item.id), result)
             results[item.id] = result
             if report:
@@ -626,5 +614,5 @@ def _task(job: Job, item: Item, device: str, extra_plugins: list | None) -> dict
 
 
 __all__ = ["Item", "Job", "JobProgress", "run_job", "write_plan", "train_item", "run_result", "diverged_result",
-           "read_result", "check_writable", "local_devices", "check_backend", "identity", "first_difference", "finite",
+           "read_result", "check_writable", "local_devices", "check_backend", "identity", "first_difference",
            "BACKENDS", "FREE_SETTINGS", "STATUSES"]

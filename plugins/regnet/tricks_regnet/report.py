@@ -9,7 +9,6 @@ legends) and lists them.
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,17 +28,6 @@ HTML_HEAD = (
     "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;line-height:1.4}"
     "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
     "th{background:#f3f3f3}td:first-child{text-align:left}img{max-width:100%}</style></head><body>\n")
-
-
-def _finite(obj: Any) -> Any:
-    """``obj`` with NaN and infinities replaced by None (strict JSON)."""
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def _md_cell(text: Any) -> str:
@@ -244,7 +232,7 @@ def report(paths: Sequence[str | Path | Sweep], out: str | Path | None = None, f
         blocks.append(("h2", f"Failed models ({len(failures)})"))
         blocks.append(("list", failures))
 
-    write_json(out / "summary.json", _finite({"sweeps": rows, "best": [
+    write_json(out / "summary.json", ({"sweeps": rows, "best": [
         {"sweep": s.name, "id": m["result"]["id"], "error": float(m["result"]["error"]),
          "fit": {k: m["fit"][k] for k in ("w0", "wa", "wm", "fit_error")} if m["fit"] else None}
         for s, models in zip(sweeps, fits) for m in models],
