@@ -376,6 +376,8 @@ def _validation_message(section: str, model: type[Settings], error: ValidationEr
         close = difflib.get_close_matches(key, list(model.model_fields), n=1)
         hint = f" (did you mean {section}.{close[0]}?)" if close else ""
         return key, f"unknown setting '{section}.{key}'{hint}; {section} accepts: {accepted}"
+    if not key:  # a check across several settings of the section
+        return key, f"bad settings for '{section}': {err['msg'].removeprefix('Value error, ')}"
     field_info = model.model_fields.get(key)
     desc = f" ({field_info.description})" if field_info is not None and field_info.description else ""
     return key, f"bad value for '{section}.{key}': {err['msg'].removeprefix('Value error, ')}{desc}"
@@ -389,7 +391,7 @@ def make_settings(section: str, model: type[Settings], values: dict[str, Any],
         return model(**values)
     except ValidationError as error:
         key, message = _validation_message(section, model, error)
-        at = where(key.split(".")[0]) if where is not None else ""
+        at = where(key.split(".")[0]) if where is not None and key else ""
         raise TricksError(f"{at}: {message}" if at else message) from None
 
 

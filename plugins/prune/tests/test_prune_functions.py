@@ -16,7 +16,7 @@ from torch import nn
 import tricks
 from tricks.models import BasicBlock, Bottleneck, ResNet, create_model
 from tricks_prune import (TaylorImportance, apply_steps, complexity, find_groups, input_step, plan_steps, prune_model,
-                          replay, slimming_penalty)
+                          replay, slimming_penalty, stream_layers)
 
 
 @pytest.fixture(autouse=True)
@@ -469,3 +469,24 @@ def test_a_change_that_does_not_fit_the_model_is_a_one_line_error(change, fragme
     with pytest.raises(tricks.TricksError) as caught:
         replay(model, x_of(model, 8), change)
     assert fragment in str(caught.value) and "\n" not in str(caught.value)
+
+
+# --- residual streams -------------------------------------------------------------------------------
+
+
+def test_the_layers_that_write_residual_streams_are_the_stem_shortcuts_and_last_convolutions():
+    model = core("resnet20")
+    names = stream_layers(find_groups(model, x_of(model))[1])
+    last = [f"stages.{i}.{j}.conv2" for i in range(3) for j in range(3)]
+    assert sorted(names) == sorted(["stem.0", *last, "stages.1.0.shortcut.0", "stages.2.0.shortcut.0"])
+    # excluded, only the channels inside the blocks go, and the model is still the one built at those widths
+    prune_model(model, x_of(model), 0.5, "l1", "layer", exclude=names)
+    widths = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    assert widths["stem.0"] == 16 and [widths[n] for n in last] == [16] * 3 + [32] * 3 + [64] * 3
+    assert [widths[f"stages.{i}.{j}.conv1"] for i in range(3) for j in range(3)] == [8] * 3 + [16] * 3 + [32] * 3
+
+
+def test_a_plain_network_has_no_residual_stream():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    assert stream_layers(find_groups(model, x_of(model))[1]) == []

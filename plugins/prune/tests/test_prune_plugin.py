@@ -71,9 +71,9 @@ def test_a_run_prunes_at_half_its_epochs_logs_the_sizes_and_is_rebuilt_from_its_
     checkpoint = run.load_checkpoint()
     [record] = checkpoint["structure"]
     assert record["plugin"] == "prune" and record["epoch"] == 0 and record["settings"]["ratio"] == 0.5
-    assert record["change"]["channels"] == [224, 112]
+    assert record["change"]["channels"] == [112, 56]  # inside the blocks: the residual streams stay
     assert checkpoint["plugins"]["prune"] == {"schedule": [1], "done": 1, "original": {
-        "channels": 224, "params": 77754, "macs": summary["macs_start"]}}
+        "channels": 112, "params": 77754, "macs": summary["macs_start"]}}
     # the run directory rebuilds the pruned model with its trained weights (the plugin is installed)
     model = run.build_model()
     assert sum(p.numel() for p in model.parameters()) == summary["params"]
@@ -104,8 +104,8 @@ def test_iterative_pruning_reaches_the_ratio_in_equal_steps(tmp_path):
     assert len(lines) == 2 and lines[0].startswith("prune step 1/2: 30% of channels removed")
     assert lines[1].startswith("prune step 2/2: 60% of channels removed")
     first, second = (line.rsplit("channels ", 1)[1].split() for line in lines)  # "A -> B of C"
-    assert first[2] == second[0] and first[4] == second[4] == "224"
-    assert abs(int(second[2]) - 0.4 * 224) <= 6  # 40% kept, to a channel per group (6 groups)
+    assert first[2] == second[0] and first[4] == second[4] == "112"  # the channels inside resnet8's 3 blocks
+    assert abs(int(second[2]) - 0.4 * 112) <= 3  # 40% kept, to a channel per group (3 groups)
     structure = run.load_checkpoint()["structure"]
     assert [r["epoch"] for r in structure] == [1, 3] and [r["change"]["step"] for r in structure] == [1, 2]
     assert rows[1]["params"] > rows[3]["params"]
@@ -194,7 +194,7 @@ def test_models_of_the_other_plugins_prune_in_a_run(tmp_path, plugins, core):
     run = tiny_run(plugins=[*plugins, outputs], out=tmp_path / "run", set=sets, **core)
     assert finite(run)
     summary = run.summary()
-    assert summary["params"] < 0.6 * summary["params_start"]
+    assert summary["params"] < 0.75 * summary["params_start"]  # half the channels inside the blocks
     model = run.build_model()
     model.eval()
     with torch.no_grad():
@@ -205,21 +205,26 @@ def test_models_of_the_other_plugins_prune_in_a_run(tmp_path, plugins, core):
 
 
 SEED, EPOCHS = 5, 4
-RESUMED = ["prune.criterion=taylor", "prune.at=2", "prune.steps=2", "prune.every=1"]
+STEPS = ["prune.at=2", "prune.steps=2", "prune.every=1"]
 
 
 @pytest.mark.slow
-def test_kill_and_resume_after_a_pruning_epoch_ends_as_an_uninterrupted_run(tmp_path):
-    # Taylor pruning at the end of epochs 2 and 3; the run is killed as epoch 3 starts, between them.
+@pytest.mark.parametrize("criterion", [["prune.criterion=taylor"],
+                                       ["prune.criterion=dcp", "prune.samples=32", "prune.refit_steps=2"]],
+                         ids=["taylor", "dcp"])
+def test_kill_and_resume_after_a_pruning_epoch_ends_as_an_uninterrupted_run(tmp_path, criterion):
+    # Pruning at the end of epochs 2 and 3; the run is killed as epoch 3 starts, between them (dcp:
+    # its auxiliary heads, trained since epoch 1, come back from the checkpoint and keep training).
+    resumed = [*criterion, *STEPS]
     reference, run = tmp_path / "uninterrupted", tmp_path / "killed"
     killed = start_script(f"""
         import tricks
         from processes import KillAtEpoch
-        tricks.run(plugins=["prune", "cosine", KillAtEpoch(2)], set={RESUMED!r}, epochs={EPOCHS}, seed={SEED},
+        tricks.run(plugins=["prune", "cosine", KillAtEpoch(2)], set={resumed!r}, epochs={EPOCHS}, seed={SEED},
                    device="cpu", out={str(run)!r}, **{TINY_API!r})
     """)
     with one_torch_thread():
-        want = tricks.run(plugins=["prune", "cosine"], set=RESUMED, epochs=EPOCHS, seed=SEED, device="cpu",
+        want = tricks.run(plugins=["prune", "cosine"], set=resumed, epochs=EPOCHS, seed=SEED, device="cpu",
                           out=reference, **TINY_API)
     finish_killed(killed)
     checkpoint = tricks.RunDir(run).load_checkpoint()
@@ -253,7 +258,7 @@ def test_taylor_pruning_under_data_parallel_training_prunes_every_rank_alike(tmp
     run = tricks.RunDir(out)
     assert run.summary()["world_size"] == 2 and run.summary()["params"] < run.summary()["params_start"]
     [record] = run.load_checkpoint()["structure"]
-    assert record["change"]["criterion"] == "taylor" and record["change"]["channels"] == [224, 112]
+    assert record["change"]["criterion"] == "taylor" and record["change"]["channels"] == [112, 56]
 
 
 # --- the CLI and the contract --------------------------------------------------------------------------
@@ -269,7 +274,10 @@ def test_the_cli_prints_the_sizes_and_the_run_directory_holds_fewer_channels(tmp
     assert "prune: 50% of channels removed by l1 (global): params 0.272M -> " in text and "MACs 2.53M -> " in text
     checkpoint = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     widths = convs(checkpoint["model"])
-    assert widths["stem.0.weight"] < 16 and sum(widths.values()) < (16 * 7 + 32 * 6 + 64 * 6 + 32 + 64) * 0.75
+    # half of the 336 channels inside the blocks go (one global ranking); the residual streams stay
+    assert widths["stem.0.weight"] == 16 and all(widths[f"stages.{i}.{j}.conv2.weight"] == 16 << i
+                                                 for i in range(3) for j in range(3))
+    assert sum(widths.values()) == 16 * 7 + 32 * 6 + 64 * 6 + 32 + 64 - 168
 
 
 def test_the_plugin_keeps_the_contract(tmp_path):
@@ -334,7 +342,8 @@ def test_a_model_pruned_to_narrow_odd_widths_trains_on_the_cpu(tmp_path):
     import torch
 
     with one_torch_thread():
-        summary = tricks.run(plugins=["cosine", "prune"], set=["prune.ratio=0.7", "prune.at=1"], model="resnet20",
+        summary = tricks.run(plugins=["cosine", "prune"], set=["prune.ratio=0.7", "prune.at=1", "prune.streams=true"],
+                             model="resnet20",
                              batch_size=128, train_limit=1000, epochs=2, seed=0, device="cpu", out=tmp_path / "run")
     assert summary["status"] == "complete" and summary["params"] < summary["params_start"] / 5
     assert torch.backends.mkldnn.enabled

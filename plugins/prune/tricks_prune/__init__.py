@@ -23,21 +23,24 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import field_validator
+import torch.nn.functional as F
+from pydantic import field_validator, model_validator
 
 import tricks
 
 from .criteria import (CRITERIA, Criterion, TaylorImportance, batchnorms, l1_scores, random_scores, register_criterion,
                        slimming_penalty, slimming_scores)
-from .graph import ChannelGroup, Member, apply_steps, build_graph, complexity, find_groups, matches
+from .dcp import attach_aux_heads, find_stages, prune_dcp, selectable
+from .graph import ChannelGroup, Member, apply_steps, build_graph, complexity, find_groups, matches, stream_layers
 from .pruning import SCOPES, TARGETS, check_exclude, check_plan, input_step, plan_steps, prune_model, replay
 
 __version__ = "0.1.0"
+DCP_ALPHA = 1.0  # see the README: the weight of L_S against L_M
 __all__ = [
     "prune_model", "replay", "plan_steps", "input_step", "check_plan", "complexity", "find_groups", "build_graph", "apply_steps", "ChannelGroup",
     "Member", "matches", "check_exclude", "CRITERIA", "Criterion", "register_criterion", "l1_scores", "random_scores",
     "slimming_scores", "TaylorImportance", "slimming_penalty", "batchnorms", "SCOPES", "TARGETS", "Prune",
-    "PruneSettings", "format_count",
+    "PruneSettings", "format_count", "stream_layers",
 ]
 
 
@@ -58,11 +61,13 @@ def _before_after(before: float, after: float) -> str:
 class PruneSettings(tricks.Settings):
     criterion: str = tricks.Field("l1", description="channel importance: l1 (filter L1 norm, Li et al.), random (the "
                                                     "control), slimming (|BN gamma| with an L1 penalty, Liu et al.), "
-                                                    "taylor (first-order Taylor, Molchanov et al.)")
+                                                    "taylor (first-order Taylor, Molchanov et al.), dcp "
+                                                    "(discrimination-aware channel selection, Zhuang et al.)")
     ratio: float = tricks.Field(0.5, ge=0, lt=1, description="fraction removed in all: of the prunable output channels "
                                                              "(target channels), or of the MACs / params")
-    scope: Literal["global", "layer"] = tricks.Field("global", description="global: one ranking across layers; "
-                                                                           "layer: the same fraction of every layer")
+    scope: Literal["global", "layer"] | None = tricks.Field(
+        None, description="global: one ranking across layers; layer: the same fraction of every layer; "
+                          "none: layer for dcp, global for the other criteria")
     target: Literal["channels", "macs", "params"] = tricks.Field(
         "channels", description="what ratio is a fraction of: the prunable channels, or the model's MACs or parameters")
     at: int | None = tricks.Field(None, ge=1, description="epoch (from 1) at whose end the first (or only) pruning step "
@@ -72,16 +77,42 @@ class PruneSettings(tricks.Settings):
     exclude: list[str] = tricks.Field([], description="layers whose output channels stay, as fnmatch patterns of their "
                                                       "names (e.g. 'stem*'); the classifier's outputs always stay")
     min_channels: int = tricks.Field(1, ge=1, description="channels every layer keeps at least")
+    streams: bool = tricks.Field(False, description="also prune residual streams (the channels summed across a "
+                                                    "ResNet stage: its stem or shortcut and every block's last "
+                                                    "convolution); false: only inside the blocks, as the papers do")
     sparsity: float = tricks.Field(1e-5, ge=0, description="slimming only: lambda of the L1 penalty on BatchNorm "
                                                            "gammas, added to the loss until the last pruning step")
     seed: int | None = tricks.Field(None, description="random only: seed of the random scores; none: the run's seed")
+    aux_stages: list[str] | None = tricks.Field(None, description="dcp only: the modules after which auxiliary "
+                                                                   "classifiers go; none: every stage of the model")
+    alpha: float = tricks.Field(DCP_ALPHA, ge=0, description="dcp only: weight of the auxiliary (discrimination) "
+                                                              "loss against the reconstruction loss in channel selection")
+    samples: int = tricks.Field(128, ge=1, description="dcp only: training images (the first of the pruning epoch) "
+                                                       "on which channels are selected and weights re-optimized")
+    refit_steps: int = tricks.Field(5, ge=0, description="dcp only: gradient steps re-optimizing the kept "
+                                                                     "weights after each selected channel")
 
     @field_validator("criterion")
     @classmethod
     def _criterion(cls, value):
-        if value not in CRITERIA:
-            raise ValueError(f"unknown criterion {value!r}; choose one of {', '.join(CRITERIA)}")
+        if value not in CRITERIA and value != "dcp":
+            raise ValueError(f"unknown criterion {value!r}; choose one of {', '.join([*CRITERIA, 'dcp'])}")
         return value
+
+    @model_validator(mode="after")
+    def _dcp(self):
+        if self.criterion == "dcp" and self.scope == "global":
+            raise ValueError("dcp selects the same fraction of every layer it prunes; drop prune.scope=global "
+                             "(or set prune.scope=layer)")
+        if self.criterion == "dcp" and self.target != "channels":
+            raise ValueError(f"dcp prunes a fraction of the channels, not a {self.target} budget; drop prune.target "
+                             "or choose another criterion")
+        return self
+
+    @property
+    def ranking(self) -> str:
+        """The scope in force: the setting, or layer for dcp and global for the other criteria."""
+        return self.scope or ("layer" if self.criterion == "dcp" else "global")
 
 
 class Prune(tricks.Plugin):
@@ -98,6 +129,10 @@ class Prune(tricks.Plugin):
         self.original: dict[str, int] = {}  # prunable channels, MACs and params before the first step
         self._taylor: TaylorImportance | None = None
         self._norms: tuple[object, list] = (None, [])
+        self._heads = None  # dcp: the auxiliary classifiers (AuxHeads), trained with the model until the last step
+        self._aux: dict[str, torch.Tensor] = {}  # dcp: the heads' logits of the current training forward pass
+        self._aux_hooks: list = []
+        self._samples: list[tuple[torch.Tensor, torch.Tensor]] = []  # dcp: images of the pruning epoch
 
     # --- the schedule -------------------------------------------------------------------------
     def planned(self, epochs: int) -> list[int]:
@@ -116,7 +151,102 @@ class Prune(tricks.Plugin):
         device = first.device if first is not None else torch.device("cpu")
         return torch.zeros(1, ctx.in_chans, ctx.image_size, ctx.image_size, device=device)
 
+    def _groups(self, model, x):
+        """``(dg, groups, exclude)``: the model's channel groups with the layers that must stay,
+        ``prune.exclude`` plus, unless ``prune.streams``, the layers that write residual streams."""
+        s = self.settings
+        dg, groups = find_groups(model, x, s.exclude, s.min_channels)
+        extra = [] if s.streams else [n for n in stream_layers(groups) if not matches(n, s.exclude)]
+        if not extra:
+            return dg, groups, list(s.exclude)
+        exclude = [*s.exclude, *extra]
+        return (dg, *find_groups(model, x, exclude, s.min_channels, dg=dg)[1:], exclude)
+
+    # --- dcp: auxiliary heads, their losses, the images channels are selected on ---------------
+    def _dcp_heads(self, ctx, model):
+        """The auxiliary classifiers, made once (before the optimizer, so their parameters are in
+        it and a resume finds them) after the stages named by ``aux_stages`` or found in the model."""
+        if self._heads is None:
+            s = self.settings
+            stages = s.aux_stages if s.aux_stages is not None else find_stages(model)
+            names = dict(model.named_modules())
+            for name in stages:
+                if name not in names or not name:
+                    some = ", ".join(n for n, _ in list(model.named_children())[:4])
+                    raise tricks.TricksError(f"prune.aux_stages: {type(model).__name__} has no module {name!r} (its "
+                                             f"top-level modules: {some}); name stages as model.named_modules() does")
+            self._heads = attach_aux_heads(model, stages, ctx.num_classes, self._example(ctx, model))
+            if ctx.world_size > 1:
+                import torch.distributed as dist
+
+                for p in self._heads.parameters():  # the heads are outside the data-parallel model: average by hand
+                    p.register_hook(lambda g: _mean_over_ranks(g, dist))
+        return self._heads
+
+    def _attach(self, model) -> None:
+        """Forward hooks that run each head on its stage's output in training forward passes."""
+        self._detach()
+        heads = self._heads
+        if heads is None:
+            return
+        for key, name in heads.stage_names.items():
+            head = heads[key]
+
+            def run(module, args, output, name=name, head=head):
+                if module.training and torch.is_grad_enabled():
+                    self._aux[name] = head(output)
+
+            self._aux_hooks.append(model.get_submodule(name).register_forward_hook(run))
+
+    def _detach(self) -> None:
+        for handle in self._aux_hooks:
+            handle.remove()
+        self._aux_hooks, self._aux = [], {}
+
+    def _collect(self, batch) -> None:
+        """Keep the first ``samples`` training images of the pruning epoch, with their targets."""
+        have = sum(len(x) for x, _ in self._samples)
+        need = self.settings.samples - have
+        if need > 0:
+            self._samples.append((batch["input"][:need].detach().clone(), batch["target"][:need].detach().clone()))
+
+    def _prune_dcp(self, ctx, model, x, ratio) -> tuple[list[dict], dict]:
+        s = self.settings
+        self._detach()
+        if ctx.rank == 0:
+            if not self._samples:
+                raise tricks.TricksError("prune: dcp selects channels on the images of the pruning epoch, and none "
+                                         "was seen; the epoch before a pruning step must train")
+            images = torch.cat([a for a, _ in self._samples])
+            labels = torch.cat([b for _, b in self._samples])
+            change = prune_dcp(model, x, images, labels, ratio, self._heads, self._groups(model, x)[2], s.min_channels, s.alpha,
+                               s.refit_steps)
+        else:
+            change = None
+        self._samples = []
+        if ctx.world_size > 1:  # rank 0 selected; the others make the same change (DDP then copies rank 0's weights)
+            from tricks.distributed import broadcast_object
+
+            change = broadcast_object(change)
+            if ctx.rank != 0:
+                apply_steps(model, x, change["steps"])
+        if self.done + 1 < len(self.schedule):
+            self._attach(model)
+        steps = change.pop("steps")
+        return steps, change
+
     # --- hooks -------------------------------------------------------------------------------
+    @tricks.hookimpl(wrapper=True, tryfirst=True)
+    def configure_optimizer(self, ctx, model):
+        optimizer = yield
+        if self.settings.criterion != "dcp" or optimizer is None:
+            return optimizer
+        heads = self._dcp_heads(ctx, model)
+        group = {k: v for k, v in optimizer.defaults.items() if k not in ("params", "initial_lr")}
+        group["lr"] = optimizer.param_groups[0]["lr"]
+        optimizer.add_param_group({**group, "params": list(heads.parameters())})
+        return optimizer
+
     @tricks.hookimpl
     def on_fit_start(self, ctx):
         s = self.settings
@@ -132,7 +262,15 @@ class Prune(tricks.Plugin):
             x, ratio = self._example(ctx, ctx.model), s.ratio
             if self.original and s.target != "channels":  # resumed between steps: what is left to remove
                 ratio = max(0.0, 1 - (1 - s.ratio) * self.original[s.target] / complexity(ctx.model, x)[s.target])
-            check_plan(ctx.model, x, ratio, s.target, s.exclude, s.min_channels)
+            dg, groups, exclude = self._groups(ctx.model, x)
+            check_plan(ctx.model, x, ratio, s.target, exclude, s.min_channels)
+        if s.criterion == "dcp" and self.done < len(self.schedule):
+            if not selectable(groups):
+                raise tricks.TricksError(
+                    f"prune: dcp selects the input channels of a plain convolution that alone reads them, and no "
+                    f"prunable channel of {type(ctx.model).__name__} is read that way (residual streams and grouped "
+                    "convolutions are not); choose prune.criterion=l1, taylor, slimming or random")
+            self._attach(ctx.model)
         if s.criterion == "slimming" and not batchnorms(ctx.model):
             raise tricks.TricksError(f"prune: the slimming criterion ranks BatchNorm scales, and {type(ctx.model).__name__} "
                                      "has no BatchNorm layer; choose prune.criterion=l1 or taylor")
@@ -143,12 +281,24 @@ class Prune(tricks.Plugin):
             if self._taylor is not None:
                 self._taylor.close()
             s = self.settings
-            self._taylor = TaylorImportance(ctx.model, self._example(ctx, ctx.model), s.exclude, s.min_channels)
+            x = self._example(ctx, ctx.model)
+            self._taylor = TaylorImportance(ctx.model, x, self._groups(ctx.model, x)[2], s.min_channels)
 
     @tricks.hookimpl(wrapper=True)
     def build_loss(self, ctx):
         base = yield
         s = self.settings
+        if s.criterion == "dcp":
+            def with_aux(output, batch):
+                value = base(output, batch)
+                if self._pending(ctx.epoch):
+                    self._collect(batch)
+                aux, self._aux = self._aux, {}
+                for logits in aux.values():  # L_S of every stage's head, beside the final loss (Zhuang et al.)
+                    value = value + F.cross_entropy(logits.float(), batch["target"])
+                return value
+
+            return with_aux
         if s.criterion != "slimming" or s.sparsity == 0:
             return base
         lam = s.sparsity
@@ -172,15 +322,35 @@ class Prune(tricks.Plugin):
             return None
         s = self.settings
         x = self._example(ctx, model)
-        dg, groups = find_groups(model, x, s.exclude, s.min_channels)
+        dg, groups, exclude = self._groups(model, x)
         before = complexity(model, x)
-        channels = sum(g.size for g in groups if g.prunable)
+        pool = [g for g, _ in selectable(groups)] if s.criterion == "dcp" else [g for g in groups if g.prunable]
+        channels = sum(g.size for g in pool)  # what the ratio is a fraction of (dcp: the channels it can select)
         if not self.original:
             self.original = {"channels": channels, **before}
         step, steps = self.done + 1, len(self.schedule)
         goal = s.ratio * step / steps  # the fraction of the original removed after this step
         now = channels if s.target == "channels" else before[s.target]
         ratio = min(max(0.0, 1 - (1 - goal) * self.original[s.target] / now), 0.999) if now else 0.0
+        if s.criterion == "dcp":
+            steps_, info = self._prune_dcp(ctx, model, x, ratio)
+        else:
+            steps_, info = self._plan(ctx, model, x, ratio, step, groups, exclude)
+            apply_steps(model, x, steps_, dg)
+        after = complexity(model, x)
+        self.done += 1
+        first = self.original["channels"]
+        left = info["channels"][1] + (channels - info["channels"][0])  # prunable channels of the model now
+        where = f" step {step}/{steps}" if steps > 1 else ""
+        ctx.log(f"prune{where}: {1 - left / max(1, first):.0%} of channels removed by {s.criterion} ({s.ranking}): "
+                f"params {_before_after(before['params'], after['params'])}, "
+                f"MACs {_before_after(before['macs'], after['macs'])}; channels {channels} -> {left} of {first}")
+        if not steps_:
+            return None
+        return {"steps": steps_, **info, "step": step, "before": before, "after": after}
+
+    def _plan(self, ctx, model, x, ratio, step, groups, exclude):
+        s = self.settings
         importance, generator = None, None
         if s.criterion == "taylor":
             if self._taylor is None:
@@ -191,20 +361,8 @@ class Prune(tricks.Plugin):
             self._taylor = None
         elif s.criterion == "random":
             generator = torch.Generator().manual_seed((s.seed if s.seed is not None else ctx.core.seed) * 1000 + step)
-        steps_, info = plan_steps(model, x, ratio, s.criterion, s.scope, s.target, s.exclude, importance, generator,
-                                  s.min_channels, groups=groups)
-        apply_steps(model, x, steps_, dg)
-        after = complexity(model, x)
-        self.done += 1
-        first = self.original["channels"]
-        left = info["channels"][1] + (channels - info["channels"][0])  # prunable channels of the model now
-        where = f" step {step}/{steps}" if steps > 1 else ""
-        ctx.log(f"prune{where}: {1 - left / max(1, first):.0%} of channels removed by {s.criterion} ({s.scope}): "
-                f"params {_before_after(before['params'], after['params'])}, "
-                f"MACs {_before_after(before['macs'], after['macs'])}; channels {channels} -> {left} of {first}")
-        if not steps_:
-            return None
-        return {"steps": steps_, **info, "step": step, "before": before, "after": after}
+        return plan_steps(model, x, ratio, s.criterion, s.ranking, s.target, exclude, importance, generator,
+                          s.min_channels, groups=groups)
 
     @tricks.hookimpl
     def replay_structure(self, ctx, model, change):
@@ -212,13 +370,34 @@ class Prune(tricks.Plugin):
 
     @tricks.hookimpl
     def state_dict(self, ctx):
-        return {"schedule": list(self.schedule or []), "done": self.done, "original": dict(self.original)}
+        state = {"schedule": list(self.schedule or []), "done": self.done, "original": dict(self.original)}
+        if self._heads is not None:
+            state["heads"] = {k: v.detach().clone() for k, v in self._heads.state_dict().items()}
+        return state
 
     @tricks.hookimpl
     def load_state_dict(self, ctx, state):
         self.schedule = list(state.get("schedule") or []) or None
         self.done = int(state.get("done", 0))
         self.original = dict(state.get("original") or {})
+        if self._heads is not None and state.get("heads"):
+            self._heads.load_state_dict(state["heads"])  # in place: the optimizer holds these parameters
+        if self._heads is not None and self.schedule and self.done >= len(self.schedule):
+            self._detach()
+
+    @tricks.hookimpl
+    def on_fit_end(self, ctx, summary):
+        self._detach()
+
+    @tricks.hookimpl
+    def on_exception(self, ctx, error):
+        self._detach()
+
+
+def _mean_over_ranks(grad, dist):
+    grad = grad.clone()
+    dist.all_reduce(grad)
+    return grad / dist.get_world_size()
 
 
 def _all_reduced(scores: dict[str, torch.Tensor], ctx) -> dict[str, torch.Tensor]:

@@ -63,6 +63,7 @@ Choices where the paper is silent, or where this implementation departs from it
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
@@ -74,7 +75,7 @@ from tricks import TricksError
 
 __all__ = [
     "AuxHead", "AuxHeads", "attach_aux_heads", "forward_with_aux", "reconstruction_loss", "channel_scores",
-    "select_channels", "layer_io", "stage_aux_loss", "DEFAULT_STEPS",
+    "select_channels", "layer_io", "stage_aux_loss", "DEFAULT_STEPS", "find_stages", "selectable", "prune_dcp",
 ]
 
 DEFAULT_STEPS = 10  # gradient steps after each added channel
@@ -218,13 +219,18 @@ def forward_with_aux(model: nn.Module, heads: Mapping[str, nn.Module], x: Tensor
 # --- the joint loss and the scores -----------------------------------------------------------
 
 
-def reconstruction_loss(baseline_out: Tensor, pruned_out: Tensor) -> Tensor:
-    """``L_M = 1/(2Q) ||F - F'||^2`` with ``Q`` the batch size (the first dimension): the squared error
-    summed over channels and positions, averaged over the batch, halved."""
+def reconstruction_loss(baseline_out: Tensor, pruned_out: Tensor, reduction: str = "batch") -> Tensor:
+    """``L_M = 1/(2Q) ||F - F'||^2``. ``reduction="batch"``: ``Q`` is the batch size (the first
+    dimension), the squared error summed over channels and positions, averaged over the batch, halved;
+    ``"mean"``: the mean squared error over every element (the authors' code, ``nn.MSELoss``), which
+    keeps ``L_M`` of the order of the activations' variance whatever the layer's size."""
     if baseline_out.shape != pruned_out.shape:
         raise TricksError(f"the baseline's output has shape {tuple(baseline_out.shape)} and the pruned layer's "
                           f"{tuple(pruned_out.shape)}: compare the same layer's output on the same batch")
-    return (baseline_out - pruned_out).pow(2).sum() / (2 * baseline_out.shape[0])
+    if reduction not in ("batch", "mean"):
+        raise TricksError(f"reduction must be 'batch' or 'mean', got {reduction!r}")
+    squared = (baseline_out - pruned_out).pow(2)
+    return squared.mean() if reduction == "mean" else squared.sum() / (2 * baseline_out.shape[0])
 
 
 def _scores(grad: Tensor) -> Tensor:
@@ -276,7 +282,7 @@ def _check(conv: nn.Module, inputs: Tensor, target: Tensor, keep: int, steps: in
                           f"{', '.join(map(str, shape))}) for these inputs, got {tuple(target.shape)}")
 
 
-def _step_size(conv: nn.Conv2d, inputs: Tensor) -> float:
+def _step_size(conv: nn.Conv2d, inputs: Tensor, reduction: str = "batch") -> float:
     """``1 / lambda_max`` of the reconstruction loss's Hessian ``(X^T X) / Q`` over all input channels,
     by power iteration with a fixed start (the global random state is not touched)."""
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -285,7 +291,8 @@ def _step_size(conv: nn.Conv2d, inputs: Tensor) -> float:
     lam = 0.0
     for _ in range(POWER_ITERATIONS):
         v.requires_grad_(True)
-        quad = conv._conv_forward(inputs, v, None).pow(2).sum() / (2 * inputs.shape[0])
+        out = conv._conv_forward(inputs, v, None)
+        quad = reconstruction_loss(torch.zeros_like(out), out, reduction)
         (hv,) = torch.autograd.grad(quad, v)
         lam = float(hv.norm())
         if not math.isfinite(lam) or lam <= 0:
@@ -296,14 +303,15 @@ def _step_size(conv: nn.Conv2d, inputs: Tensor) -> float:
 
 def select_channels(conv: nn.Conv2d, inputs: Tensor, target: Tensor, keep: int,
                     aux_loss: Callable[[Tensor], Tensor] | None = None, alpha: float = 1.0,
-                    steps: int = DEFAULT_STEPS, lr: float | None = None) -> tuple[list[int], Tensor]:
+                    steps: int = DEFAULT_STEPS, lr: float | None = None,
+                    reduction: str = "batch") -> tuple[list[int], Tensor]:
     """Select ``keep`` input channels of ``conv`` greedily and re-optimize their weights (DCP).
 
     ``inputs``: the layer's input ``X`` in the pruned network, ``(Q, C_in, H, W)``; ``target``: the
     baseline layer's output ``F`` on the same batch; ``aux_loss``: optional callable from this layer's
     output to the auxiliary (discrimination) loss, weighted by ``alpha``; ``steps``: gradient steps
     after each added channel; ``lr``: their step size (``None``: ``1 / lambda_max``, see the module).
-    ``conv`` is not changed. Returns the selected channels, sorted, and their re-optimized weights
+    ``reduction``: that of :func:`reconstruction_loss`. ``conv`` is not changed. Returns the selected channels, sorted, and their re-optimized weights
     ``(C_out, keep, kh, kw)`` in that order, ready for the pruned layer."""
     _check(conv, inputs, target, keep, steps, lr, alpha)
     w0 = conv.weight.detach()
@@ -314,14 +322,14 @@ def select_channels(conv: nn.Conv2d, inputs: Tensor, target: Tensor, keep: int,
     def loss_and_grad(w_eff: Tensor) -> tuple[float, Tensor]:
         w_eff = w_eff.detach().requires_grad_(True)
         out = conv._conv_forward(inputs, w_eff, bias)
-        loss = reconstruction_loss(target, out)
+        loss = reconstruction_loss(target, out, reduction)
         if aux_loss is not None and alpha:
             loss = loss + alpha * aux_loss(out)
         (grad,) = torch.autograd.grad(loss, w_eff)
         return float(loss.detach()), grad
 
     with torch.enable_grad():
-        step0 = _step_size(conv, inputs) if lr is None else float(lr)
+        step0 = _step_size(conv, inputs, reduction) if lr is None else float(lr)
         selected = torch.ones(c_in, dtype=torch.bool, device=w0.device) if keep == c_in else \
             torch.zeros(c_in, dtype=torch.bool, device=w0.device)
         w = w0.clone()
@@ -407,3 +415,119 @@ def stage_aux_loss(stage: nn.Module, layer: nn.Module, head: nn.Module, stage_in
             replace.remove()
 
     return aux
+
+
+# --- DCP as a pruning step of a whole model ---------------------------------------------------
+
+
+def find_stages(model: nn.Module) -> list[str]:
+    """The names of the model's stages, where the auxiliary heads go: the children of a module
+    named ``stages`` (the project's ResNets and AnyNet/RegNet, many timm models), else timm
+    ResNets' ``layer1``, ``layer2``, ...; a ``TricksError`` naming the setting when neither is found."""
+    modules = dict(model.named_modules())
+    stages = modules.get("stages")
+    if isinstance(stages, (nn.Sequential, nn.ModuleList)) and len(stages):
+        return [f"stages.{name}" for name, _ in stages.named_children()]
+    layers = [f"layer{i}" for i in range(1, 10) if f"layer{i}" in modules]
+    if layers:
+        return layers
+    raise TricksError(f"prune: cannot tell the stages of {type(model).__name__} for DCP's auxiliary heads (it has no "
+                      "'stages' module and no 'layer1'); name them with prune.aux_stages=[...]")
+
+
+def selectable(groups) -> list[tuple[object, str]]:
+    """``[(group, consumer name)]``: the prunable groups whose channels are read by exactly one
+    plain convolution (``groups=1``) and by no other conv or linear layer, in module order; DCP
+    selects that convolution's inputs. A residual stream (read by several layers), a group cut in
+    positions (a grouped convolution) or one read by a linear layer is left to the other criteria."""
+    out = []
+    for g in groups:
+        if not g.prunable or g.ch_groups != 1:
+            continue
+        readers = [m for m in g.members if not m.out and m.kind == "layer"]
+        if len(readers) == 1 and isinstance(readers[0].module, nn.Conv2d) and readers[0].module.groups == 1 \
+                and sorted(readers[0].idxs) == list(range(g.size)):
+            out.append((g, readers[0].name))
+    return out
+
+
+def prune_dcp(model: nn.Module, example_inputs: Tensor, images: Tensor, labels: Tensor, ratio: float,
+              heads: Mapping[str, nn.Module] | None = None, exclude: Iterable[str] = (), min_channels: int = 1,
+              alpha: float = 1.0, steps: int = DEFAULT_STEPS, log: Callable[[str], None] | None = None) -> dict:
+    """Prune ``model`` in place by DCP and return the change as data (like ``prune_model``).
+
+    Every group :func:`selectable` finds loses ``round(ratio * channels)`` channels (at least
+    ``min_channels`` stay), layer by layer in module order: the input channels of the layer that
+    reads the group are selected by :func:`select_channels` on ``images`` (its input ``X`` from the
+    model pruned so far, its target ``F`` from the model as it was before this step), with the
+    auxiliary loss of the head of the stage that holds the layer (``heads``, from
+    :func:`attach_aux_heads`; a layer in no headed stage uses the reconstruction alone) on
+    ``labels`` (class indices or soft targets) weighted by ``alpha``; the channels not selected are
+    removed with everything coupled to them, and the layer gets the re-optimized weights.
+    ``example_inputs``: one image the model accepts, to trace it."""
+    from .graph import apply_steps, find_groups
+    from .pruning import input_step
+
+    if not 0 <= ratio < 1:
+        raise TricksError(f"prune: ratio must be at least 0 and below 1 (the fraction removed), got {ratio!r}")
+    exclude = list(exclude)
+    dg, groups = find_groups(model, example_inputs, exclude, min_channels)
+    head_of = {name: heads[key] for key, name in _head_names(heads or {}).items()}
+    chosen = [(g, r) for g, r in selectable(groups) if not _feeds_heads(model, example_inputs, g, list(head_of))]
+    total = sum(g.size for g, _ in chosen)
+    info = {"criterion": "dcp", "scope": "layer", "target": "channels", "ratio": float(ratio), "groups": len(chosen)}
+    if ratio == 0 or not chosen:
+        return {"steps": [], **info, "channels": [total, total]}
+    baseline = copy.deepcopy(model)
+    done: list[dict] = []
+    removed = 0
+    for g, reader_name in chosen:
+        k = min(math.floor(ratio * g.size + 0.5), g.size - max(1, min_channels))
+        if k <= 0:
+            continue
+        reader = model.get_submodule(reader_name)
+        x_in, _ = layer_io(model, reader, images)
+        _, target = layer_io(baseline, baseline.get_submodule(reader_name), images)
+        aux = None
+        stage_name = next((s for s in head_of if reader_name.startswith(s + ".")), None)
+        if stage_name is not None and alpha:
+            stage = model.get_submodule(stage_name)
+            stage_input, _ = layer_io(model, stage, images)
+            aux = stage_aux_loss(stage, reader, head_of[stage_name], stage_input, labels)
+        keep, weight = select_channels(reader, x_in, target, g.size - k, aux, alpha, steps, reduction="mean")
+        kept = set(keep)
+        step = input_step(groups, reader_name, [i for i in range(g.size) if i not in kept])
+        apply_steps(model, example_inputs, [step], dg)
+        with torch.no_grad():
+            reader.weight.copy_(weight)
+        done.append(step)
+        removed += len(step["idxs"])
+        if log is not None:
+            log(f"dcp: {reader_name} reads {g.size - k} of {g.size} channels")
+    return {"steps": done, **info, "channels": [total, total - removed]}
+
+
+def _widths(model: nn.Module, example_inputs: Tensor, stages: list[str]) -> dict[str, int]:
+    seen: dict[str, int] = {}
+    hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o.shape[1]))
+             for n in stages]
+    try:
+        with torch.no_grad(), _eval_mode(model), torch.random.fork_rng(devices=[]):
+            model(example_inputs[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _feeds_heads(model: nn.Module, example_inputs: Tensor, group, stages: list[str]) -> bool:
+    """Whether the channels of ``group`` are (coupled with) the output of a stage that has an
+    auxiliary head: removing them would change what the head reads, so DCP leaves them. Tried on a
+    copy with one channel removed (a plain network's stage output read by one convolution)."""
+    from .graph import apply_steps
+
+    if not stages:
+        return False
+    clone = copy.deepcopy(model)
+    apply_steps(clone, example_inputs, [{"layer": group.key, "idxs": [0]}])
+    return _widths(clone, example_inputs, stages) != _widths(model, example_inputs, stages)

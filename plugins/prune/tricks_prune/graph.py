@@ -32,7 +32,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 import tricks
 
 __all__ = ["Member", "ChannelGroup", "build_graph", "find_groups", "apply_steps", "complexity", "matches",
-           "prunable_layers", "NORMS"]
+           "prunable_layers", "NORMS", "stream_layers"]
 
 NORMS = (_BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -110,6 +110,14 @@ def matches(name: str, patterns: Sequence[str]) -> bool:
     """Whether the qualified module name ``name`` matches one of the fnmatch ``patterns``
     (``stem*``, ``stages.0.*``, ``fc``); a pattern also matches the modules inside a match."""
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, p + ".*") for p in patterns)
+
+
+def stream_layers(groups: Sequence[ChannelGroup]) -> list[str]:
+    """The names of the layers whose outputs are summed into a residual stream: the producers of
+    every group made by more than one conv or linear layer (a ResNet stage's stem or shortcut and
+    each block's last convolution). Excluding them (``exclude=``) prunes only inside the blocks, as
+    Li et al., Liu et al. (Network Slimming) and Zhuang et al. (DCP) do on ResNets."""
+    return [m.name for g in groups if len(g.layers) > 1 for m in g.layers]
 
 
 def prunable_layers(model: nn.Module) -> list[str]:
