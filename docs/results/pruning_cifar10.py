@@ -1,5 +1,5 @@
 """The CPU miniature of docs/results/pruning_cifar10.md: after `tricks ablate` has pruned, train
-each l1-pruned architecture from scratch (core.structure_from) as one job, then tabulate accuracy
+each l1- and dcp-pruned architecture from scratch (core.structure_from) as one job, then tabulate accuracy
 against the MACs kept for every criterion and ratio, pruned-and-fine-tuned beside from-scratch,
 and draw the chart.
 
@@ -22,6 +22,7 @@ from tricks.jobs import Item, Job, run_job
 # The settings every run of the miniature shares (the page's ablate command uses the same).
 CORE = {"model": "resnet20", "dataset": "npz", "train_limit": 5000, "val_limit": 2000, "epochs": 4,
         "batch_size": 128, "device": "cpu", "curves": False}
+SCRATCH = ("l1", "dcp")  # the criteria whose architectures are also trained from scratch
 
 
 def pruned_runs(ablation: Path) -> list[tricks.RunDir]:
@@ -43,11 +44,12 @@ def describe(run: tricks.RunDir) -> dict:
 
 
 def scratch_job(out: Path, data_dir: str, sources: list[tricks.RunDir]) -> None:
-    """Each pruned l1 architecture trained from its fresh initialization for as many epochs."""
+    """Each pruned architecture trained from its fresh initialization for as many epochs (Liu et al.
+    2019's Scratch-E)."""
     items = []
     for run in sources:
         config = run.config()
-        ident = f"l1-{config['prune']['ratio']}-seed{config['core']['seed']}"
+        ident = f"{config['prune']['criterion']}-{config['prune']['ratio']}-seed{config['core']['seed']}"
         recipe = {"plugins": ["cosine"], "core": {**CORE, "data_dir": data_dir, "seed": config["core"]["seed"],
                                                    "structure_from": str(run.path.resolve())}}
         items.append(Item(ident, recipe))
@@ -60,8 +62,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default="../shared/data/cifar10")
     args = parser.parse_args()
     runs = [describe(r) for r in pruned_runs(args.out / "ablate")]
-    l1 = [tricks.RunDir(r["run_dir"]) for r in runs if r["criterion"] == "l1"]
-    scratch_job(args.out / "scratch", str(Path(args.data_dir).resolve()), l1)
+    sources = [tricks.RunDir(r["run_dir"]) for r in runs if r["criterion"] in SCRATCH]
+    scratch_job(args.out / "scratch", str(Path(args.data_dir).resolve()), sources)
     runs += [describe(r) for r in pruned_runs(args.out / "scratch")]
 
     rows = []
