@@ -92,6 +92,27 @@ def test_regnet_samples_are_the_networks_of_their_parameters(name, se):
         assert min(s.params["wm"] for s in samples) < 2.0
 
 
+@pytest.mark.parametrize("name", ["regnetx", "regnet"])
+def test_regnet_samples_pass_pycls_stage_check(name):
+    # pycls's sweeps keep a RegNet only when its number of distinct widths equals the last level + 1
+    # (no level merged by rounding to 8, none skipped), and here that number must be the 4 stages
+    rejected = 0
+    for s in sample(name, 300, window=Window()):
+        p = s.params
+        j = np.arange(p["depth"])
+        levels = np.round(np.log((p["w0"] + p["wa"] * j) / p["w0"]) / np.log(p["wm"]))
+        widths = np.round(p["w0"] * np.power(p["wm"], levels) / 8) * 8
+        assert len(np.unique(widths)) == levels.max() + 1 == 4
+    # and the check does reject draws: among raw parameter draws, some merge or skip a level
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        w0, wa, wm, d = 8 * rng.integers(1, 33), rng.uniform(8, 256), rng.uniform(2, 3), int(rng.integers(12, 29))
+        levels = np.round(np.log((w0 + wa * np.arange(d)) / w0) / np.log(wm))
+        widths = np.round(w0 * np.power(wm, levels) / 8) * 8
+        rejected += len(np.unique(widths)) != levels.max() + 1
+    assert rejected > 0
+
+
 def test_params_and_acts_windows():
     w = Window.parse(params="1M:2M", acts=":3M")
     for s in sample("anynetx_c", 100, window=w):

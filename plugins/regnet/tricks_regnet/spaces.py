@@ -21,7 +21,9 @@ value for all stages) and in ``increasing`` (non-decreasing from stage to stage)
 
 ``kind: regnet`` -- ``depth``, ``w0``, ``wa``, ``wm``, ``group_width`` and ``bottleneck`` of the
 quantized linear rule; a value spec may say ``dist: log_uniform`` (continuous, rounded to ``step``).
-Only models with exactly ``stages`` stages are kept.
+Only models with exactly ``stages`` stages are kept, by pycls's rule for its sweeps: the last
+block's level is ``stages - 1`` and the levels give as many distinct widths once rounded to 8 (a
+network where rounding merges two levels, or a level is skipped, is rejected).
 
 Sampling is uniform over the configurations that satisfy the constraints: independent uniform
 draws, except that a non-decreasing parameter is drawn uniformly among all non-decreasing
@@ -399,10 +401,11 @@ class DesignSpace:
             raise SpaceError(f"space {self.name}: a RegNet needs depth >= 1, w0 > 0, wa >= 0 and wm > 1")
         k = self.stages
         w0, wa, wm = p["w0"], p["wa"], p["wm"]
-        # a network has at most (last block's level + 1) stages: those with fewer levels than stages
-        # are out before the per-block widths are computed
+        # pycls's rule (check_regnet_constraints): the levels 0..last must give exactly k distinct
+        # widths, so a network whose last block's level is not k - 1 is out before the per-block
+        # widths are computed (fewer levels than stages, or two levels merged by rounding to 8)
         last = np.round(np.log((w0 + wa * (d - 1)) / w0) / np.log(wm))
-        cand = np.flatnonzero(last + 1 >= k)
+        cand = np.flatnonzero(last + 1 == k)
         ok = np.zeros(n, dtype=bool)
         depths = np.zeros((n, k), dtype=np.int64)
         widths = np.full((n, k), 8, dtype=np.int64)
