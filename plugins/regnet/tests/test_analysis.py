@@ -35,7 +35,7 @@ def write_sweep(root: Path, name: str, space: str = "anynetx_a", n: int = 12, fa
     if spec:
         (path / "sweep.json").write_text(json.dumps({
             "space": space, "n": n + failed, "seed": seed, "window": {"flops": [1e6, 5e8]}, "resolution": 32,
-            "stem": "cifar", "recipe": {"epochs": 1}}))
+            "stem": "cifar", "num_classes": 10, "recipe": {"epochs": 1}}))
     for i in range(n + failed):
         if regnet:
             params = {"depth": int(rng.integers(6, 16)), "w0": int(rng.integers(2, 8)) * 8,

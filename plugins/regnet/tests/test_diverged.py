@@ -20,7 +20,10 @@ from tricks_regnet.sweep import sample_job
 TINY_SPACE = {"name": "tiny", "kind": "anynet", "stages": 2,
               "params": {"depth": {"values": [1, 2]}, "width": {"low": 8, "high": 24, "step": 8},
                          "bottleneck": {"values": [1]}, "group_width": {"values": [8]}}}
-RECIPE = dict(dataset="digits", train_limit=256, val_limit=128, batch_size=64, epochs=2, device="cpu", lr=0.05)
+# the digits at their own 8x8 (a sampling job's default on them is 32x32), unaugmented, and enough steps
+# that the tiny networks learn (one left at chance would be recorded as diverged): small and fast
+RECIPE = dict(dataset="digits", train_limit=1024, val_limit=128, batch_size=32, epochs=2, device="cpu", lr=0.4,
+              image_size=8, augment=False)
 
 
 def _sibling(name: str):
@@ -83,7 +86,9 @@ def test_analysis_leaves_diverged_networks_out_and_counts_them(tmp_path, monkeyp
 
     text = path.read_text()
     assert "| a | anynetx_a |" not in text  # labelled by space
-    assert "anynetx_a: 3 of 13 diverged (their training loss became non-finite)" in text
+    assert ("Diverged networks: anynetx_a 3 of 13 (3 non-finite loss, 0 at chance), anynetx_e 0 of 10; they are "
+            "listed below and left out of the EDFs and every statistic.") in text
+    assert "Warning: 23% of anynetx_a's networks diverged" in text and "of anynetx_e's" not in text
     assert "Models that diverged are left out of every curve: anynetx_a 3 of 13 diverged." in text
     assert "## Diverged models (3)" in text
     assert "- anynetx_a 0002 (epoch 1, step 3): the training loss became nan at step 3 (epoch 1)" in text
@@ -141,4 +146,69 @@ def test_a_sampling_job_records_a_diverged_network_and_analyze_counts_it(tmp_pat
     assert {str(p): p.read_bytes() for p in sorted((out / "runs").rglob("*")) if p.is_file() and p.name != ".lock"} == runs
 
     text = report([out], tmp_path / "analysis").read_text()
-    assert "tiny: 1 of 3 diverged" in text and "| tiny | 2 | 1 of 3 | 0 |" in text
+    assert "Diverged networks: tiny 1 of 3 (1 non-finite loss, 0 at chance)" in text and "| tiny | 2 | 1 of 3 | 0 |" in text
+
+
+def test_a_network_left_at_chance_is_diverged_unless_kept(tmp_path):
+    from tricks_regnet.sweep import CHANCE_MARGIN, chance_error, error_of
+
+    # as a sampling job records it: best error within the margin of chance (10 classes: 90%)
+    assert chance_error(10) == pytest.approx(90.0) and CHANCE_MARGIN == 2.0
+    stuck = error_of({"status": "ok", "final_val_acc": 0.10, "best_val_acc": 0.115, "epochs": 3}, num_classes=10)
+    assert stuck["status"] == "diverged" and stuck["reason"] == "chance" and stuck["diverged_at"]["epoch"] == 3
+    assert stuck["error"] == pytest.approx(90.0) and "stayed at chance" in stuck["message"]
+    learnt = error_of({"status": "ok", "final_val_acc": 0.15, "best_val_acc": 0.15, "epochs": 3}, num_classes=10)
+    assert learnt["status"] == "ok"  # 85%: more than 2 points below chance
+    # as an older job's results are read: an "ok" network whose best error is at chance
+    a = write_sweep(tmp_path, "a", "anynetx_a", n=12, seed=3)
+    e = write_sweep(tmp_path, "e", "anynetx_e", n=10, seed=4, shift=-3.0)
+    path = a / "results" / "0004.json"
+    result = json.loads(path.read_text())
+    result.update(status="ok", error=89.0, best_error=88.5)
+    path.write_text(json.dumps(result))
+    sweep = load_sweep(a)
+    assert [r["id"] for r in sweep.diverged] == ["0004"] and len(sweep.ok) == 11 and sweep.at_chance == 1
+    assert 89.0 not in sweep.errors
+    kept = load_sweep(a, keep_diverged=True)
+    assert len(kept.ok) == 12 and 89.0 in kept.errors and kept.n_diverged == 1
+    text = report([a, e], tmp_path / "out", top=2).read_text()
+    assert "Diverged networks: anynetx_a 1 of 12 (0 non-finite loss, 1 at chance), anynetx_e 0 of 10" in text
+    assert "Warning: 8% of anynetx_a's networks diverged" in text
+    text = report([a, e], tmp_path / "kept", top=2, keep_diverged=True).read_text()
+    assert "those at chance are kept in the EDFs and statistics (--keep-diverged)" in text
+    code, out, err = cli_in_process("analyze", str(a), str(e), "--keep-diverged", "--out", str(tmp_path / "cli"))
+    assert code == 0, err
+    assert "(--keep-diverged)" in (tmp_path / "cli" / "report.md").read_text()
+
+
+class HugeLR(tricks.Plugin):
+    """The network ``ident`` trains with its learning rate multiplied by 1e4 (to 1000)."""
+
+    name = "huge_lr"
+
+    def __init__(self, ident: str):
+        super().__init__()
+        self.ident = ident
+
+    @tricks.hookimpl(wrapper=True)
+    def configure_optimizer(self, ctx, model):
+        optimizer = yield
+        if ctx.run_dir.name == self.ident:
+            for group in optimizer.param_groups:
+                group["lr"] *= 1e4
+        return optimizer
+
+
+@pytest.mark.slow
+def test_a_network_trained_at_a_huge_learning_rate_is_diverged_and_out_of_the_edf(tmp_path):
+    out = tmp_path / "sweep"
+    with one_torch_thread():
+        summary = sample_job(out, TINY_SPACE, 3, overrides=RECIPE, extra_plugins=[HugeLR("0002")])
+    rows = {p.stem: json.loads(p.read_text()) for p in sorted((out / "results").glob("*.json"))}
+    assert [rows[i]["status"] for i in sorted(rows)] == ["ok", "ok", "diverged"]
+    assert rows["0002"]["reason"] in ("non-finite", "chance") and rows["0002"]["diverged_at"]["epoch"] >= 1
+    assert (summary["ok"], summary["diverged"], summary["diverged_ids"]) == (2, 1, ["0002"])
+    sweep = load_sweep(out)
+    assert sorted(sweep.errors) == sorted(rows[i]["error"] for i in ("0000", "0001"))
+    text = report([out], tmp_path / "analysis").read_text()
+    assert "Diverged networks: tiny 1 of 3" in text and "Warning: 33% of tiny's networks diverged" in text

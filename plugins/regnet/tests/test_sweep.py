@@ -20,9 +20,12 @@ from tricks_regnet.sweep import load_job, sample_job
 TINY_SPACE = {"name": "tiny", "kind": "anynet", "stages": 2,
               "params": {"depth": {"values": [1, 2]}, "width": {"low": 8, "high": 24, "step": 8},
                          "bottleneck": {"values": [1]}, "group_width": {"values": [8]}}}
-RECIPE = dict(dataset="digits", train_limit=256, val_limit=128, batch_size=64, epochs=2, device="cpu", lr=0.05)
-CLI_RECIPE = ["--dataset", "digits", "--train-limit", "256", "--val-limit", "128", "--batch-size", "64",
-              "--epochs", "2", "--device", "cpu", "--lr", "0.05"]
+# the digits at their own 8x8 (a sampling job's default on them is 32x32), unaugmented, and enough steps
+# that the tiny networks learn (one left at chance would be recorded as diverged): small and fast
+RECIPE = dict(dataset="digits", train_limit=1024, val_limit=128, batch_size=32, epochs=2, device="cpu", lr=0.4,
+              image_size=8, augment=False)
+CLI_RECIPE = ["--dataset", "digits", "--train-limit", "1024", "--val-limit", "128", "--batch-size", "32",
+              "--epochs", "2", "--device", "cpu", "--lr", "0.4", "--image-size", "8", "--no-augment"]
 
 
 def results(out: Path) -> dict[str, dict]:
@@ -47,7 +50,9 @@ def test_cli_job_records_each_network_continues_and_is_analysed(tmp_path, space_
     assert "3 of 3 networks trained, 0 diverged, 0 failed" in done.stdout
     plan = json.loads((out / "sweep.json").read_text())
     assert plan["space"] == "tiny" and plan["n"] == 3 and plan["stem"] == "cifar" and plan["resolution"] == 8
-    assert plan["recipe"]["plugins"] == ["cosine", "regnet"]
+    # no --config: the default recipe for sampling, with --plugins added (cosine is in it already)
+    assert plan["recipe"]["plugins"] == ["linear_scaling", "warmup", "cosine", "zero_gamma", "regnet"]
+    assert plan["recipe"]["core"]["weight_decay"] == 5e-5 and plan["recipe"]["warmup"]["epochs"] == 0.5
     rows = results(out)
     assert sorted(rows) == ["0000", "0001", "0002"]
     for ident, r in rows.items():
@@ -72,7 +77,7 @@ def test_cli_job_records_each_network_continues_and_is_analysed(tmp_path, space_
 
     # another recipe in the same folder is refused
     code, _, err = cli_in_process("sample", "--space", str(space_file), "--n", "3", "--flops", ":1M", "--out",
-                                  str(out), *CLI_RECIPE)
+                                  str(out), "--plugins", "label_smoothing", *CLI_RECIPE)
     one_line_error(code, err, "another training recipe", "plugins")
 
     report = run_cli("analyze", str(out))
@@ -160,10 +165,26 @@ def test_analyze_needs_a_sweep(tmp_path):
     assert code == 2 and len(err.strip().splitlines()) == 1
 
 
+def test_a_job_on_the_embedded_digits_samples_and_trains_at_32x32_and_a_config_replaces_the_recipe(tmp_path):
+    from tricks_regnet.sweep import plan
+
+    job = plan(tmp_path / "a", "regnetx", 2, window=None, plugins="label_smoothing", write=False,
+               overrides={"device": "cpu"})
+    assert job.resolution == 32 and job.recipe["core"]["image_size"] == 32 and job.stem == "cifar"
+    assert job.recipe["core"]["augment"] is False  # unless asked for
+    asked = plan(tmp_path / "c", "regnetx", 2, write=False, overrides={"device": "cpu", "augment": True})
+    assert asked.recipe["core"]["augment"] is True
+    assert job.recipe["plugins"] == ["linear_scaling", "warmup", "cosine", "zero_gamma", "label_smoothing", "regnet"]
+    own = tmp_path / "own.yaml"
+    own.write_text("plugins: [cosine]\ncore: {lr: 0.05}\n")
+    job = plan(tmp_path / "b", "regnetx", 2, config=own, write=False, overrides={"device": "cpu", "image_size": 8})
+    assert job.resolution == 8 and job.recipe["plugins"] == ["cosine", "regnet"] and job.recipe["core"]["lr"] == 0.05
+
+
 def test_dry_run_prints_the_networks_and_writes_nothing(tmp_path, space_file):
     out = tmp_path / "dry"
     code, stdout, err = cli_in_process("sample", "--space", str(space_file), "--n", "4", "--flops", ":1M", "--out",
-                                       str(out), "--dry-run", "--dataset", "digits", "--device", "cpu")
+                                       str(out), "--dry-run", "--dataset", "digits", "--device", "cpu", "--image-size", "8")
     assert code == 0, err
     assert "tiny: 4 networks at 8x8 (cifar stem, 10 classes)" in stdout
     assert all(f"000{i}" in stdout for i in range(4)) and not out.exists()

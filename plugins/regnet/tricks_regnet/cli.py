@@ -44,6 +44,13 @@ def sample(
 ):
     """Sample networks from a design space and train each with the same recipe.
 
+    The recipe: without --config, the default for sampling (recipes/sampling.yaml: SGD with
+    momentum 0.9 and Nesterov, lr 0.1 per 128 images scaled to the batch, half an epoch of linear
+    warmup, cosine decay to 0, weight decay 5e-5, zero-gamma), with --plugins added to it; with
+    --config, that recipe instead. On the embedded 8x8 digits the networks train at 32x32 unless
+    --image-size says otherwise. A network whose loss becomes non-finite, or whose validation
+    error stays at chance, is recorded as diverged.
+
     Writes SWEEP/sweep.json (the plan), samples.jsonl, results/ID.json (one per network, as it
     finishes), runs/ID/ (each network's run) and summary.json. Run the same command again to
     continue an interrupted job: finished networks are kept, an interrupted one resumes from its
@@ -100,10 +107,13 @@ def analyze(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report folder (when not given: FIRST_SWEEP/analysis)."),
     html: bool = typer.Option(False, "--html", help="Write report.html instead of report.md."),
     top: int = typer.Option(5, "--top", help="How many best networks' widths to plot and fit."),
+    keep_diverged: bool = typer.Option(False, "--keep-diverged", help="Keep the networks whose error stayed at "
+                                       "chance in the EDFs, fits and statistics (those with a non-finite loss have "
+                                       "no error to keep)."),
 ):
     """Compare design spaces: error EDFs (plain and complexity-normalized), error against each
     design parameter, the best networks' widths with their quantized linear fit, and a table."""
     from .analysis import report
 
-    path = report(list(sweeps), out, "html" if html else "md", top)
+    path = report(list(sweeps), out, "html" if html else "md", top, keep_diverged)
     console.print(f"report: {path}", markup=False, highlight=False)

@@ -2,9 +2,10 @@
 statistics (:mod:`.stats`), draws the figures (:mod:`.figures`) and writes ``summary.json`` and
 ``report.md`` - or ``report.html``, the same Markdown rendered to HTML by markdown-it-py.
 
-Models that diverged (their training loss became non-finite) or failed are left out of every
-statistic and figure; the report counts them per sweep ("k of n diverged", also in the EDFs'
-legends) and lists them.
+Models that diverged (their training loss became non-finite, or their error stayed at chance) or
+failed are left out of every statistic and figure (``keep_diverged`` keeps those at chance); the
+report's findings count the diverged ones per sweep, warn when more than ``DIVERGED_WARNING`` of a
+sweep diverged, and the report lists them ("k of n diverged" also in the EDFs' legends).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from tricks.jobs import check_writable
 from .figures import plot_best_widths, plot_edf, plot_edf_normalized, plot_params
 from .stats import (Sweep, as_number, best_fits, count_text, load_sweeps, normalization, normalization_bins, one_line,
                     summarize, weighted_quantile, wm_used)
+
+DIVERGED_WARNING = 0.05  # a sweep with more diverged networks than this share gets a warning in the findings
 
 HTML_HEAD = (
     "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Design-space analysis</title>\n"
@@ -130,10 +133,22 @@ def _findings(sweeps: Sequence[Sweep], rows: list[dict[str, Any]], norm: dict[st
     small = [r["label"] for r in rows if r["n_ok"] < 10]
     if small:
         out.append(f"Fewer than 10 finished models in {', '.join(small)}: their EDF and percentiles are coarse.")
+    counts = []
     for s in sweeps:
-        if s.diverged:
-            out.append(f"{s.name}: {s.diverged_text} (their training loss became non-finite); they are listed "
-                       "below and left out of the EDFs and every statistic.")
+        n, total, chance = s.n_diverged, len(s.results), s.at_chance
+        why = f" ({n - chance} non-finite loss, {chance} at chance)" if n else ""
+        counts.append(f"{s.name} {n} of {total}{why}")
+    kept = any(s.kept_diverged for s in sweeps)
+    out.append("Diverged networks: " + ", ".join(counts) + (
+        "; those at chance are kept in the EDFs and statistics (--keep-diverged), the others left out." if kept
+        else "; they are listed below and left out of the EDFs and every statistic." if any(
+            s.n_diverged for s in sweeps) else "."))
+    for s in sweeps:
+        share = s.n_diverged / max(1, len(s.results))
+        if share > DIVERGED_WARNING:
+            out.append(f"Warning: {share:.0%} of {s.name}'s networks diverged, so its EDF describes the networks "
+                       "this recipe could train rather than the design space; fix the recipe (a warmup, "
+                       "zero-gamma, a lower learning rate) and sample again.")
     failed = sum(r["n_failed"] for r in rows)
     if failed:
         out.append(f"{failed} model{'s' if failed > 1 else ''} failed; they are listed below and left out of "
@@ -150,16 +165,18 @@ def _diverged_at(result: dict[str, Any]) -> str:
     return f" (epoch {at['epoch']}, step {at['step']})" if at.get("epoch") is not None and at.get("step") is not None else ""
 
 
-def report(paths: Sequence[str | Path | Sweep], out: str | Path | None = None, fmt: str = "md", top: int = 5) -> Path:
+def report(paths: Sequence[str | Path | Sweep], out: str | Path | None = None, fmt: str = "md", top: int = 5,
+           keep_diverged: bool = False) -> Path:
     """Analyse one or more sweeps and write ``report.md`` (or ``report.html``) with its figures into ``out``.
 
-    ``out`` defaults to the first sweep's ``analysis/`` folder. Returns the report's path.
+    ``out`` defaults to the first sweep's ``analysis/`` folder. ``keep_diverged``: the networks that
+    stayed at chance enter the EDFs, fits and statistics. Returns the report's path.
     """
     if fmt not in ("md", "html"):
         raise TricksError(f"unknown report format {fmt!r}: use md or html")
     if int(top) < 1:
         raise TricksError(f"top must be at least 1 (got {top})")
-    sweeps = load_sweeps(list(paths))
+    sweeps = load_sweeps(list(paths), keep_diverged)
     out = Path(out) if out is not None else sweeps[0].path / "analysis"
     check_writable(out, "--out")  # before any figure is drawn
     out.mkdir(parents=True, exist_ok=True)

@@ -6,9 +6,12 @@ A sweep folder is what ``tricks sample`` writes: ``sweep.json`` (the space, the 
 :mod:`.report` writes them up.
 
 Only the models that finished with an error value (``ok``) enter the EDFs and the statistics. A
-model whose training loss became non-finite (``diverged``; also an ``ok`` result of an older job
-whose final validation loss is not a finite number) and a model that failed are counted apart,
-so that a report can say how many of a space's models were left out and why.
+model that diverged -- its training loss became non-finite (also an ``ok`` result of an older job
+whose final validation loss is not a finite number), or its validation error stayed at chance (its
+best error within ``CHANCE_MARGIN`` points of ``100 (1 - 1/C)``, as the sampling job records it and as
+an older job's results are read) -- and a model that failed are counted apart, so that a report
+can say how many of a space's models were left out and why. ``keep_diverged`` puts the networks
+that stayed at chance (they have an error value) back among the ``ok`` ones.
 """
 
 from __future__ import annotations
@@ -47,6 +50,17 @@ class Sweep:
     ok: list[dict[str, Any]] = field(default_factory=list)
     failed: list[dict[str, Any]] = field(default_factory=list)
     diverged: list[dict[str, Any]] = field(default_factory=list)
+    kept_diverged: bool = False
+
+    @property
+    def at_chance(self) -> int:
+        """How many of the models recorded as diverged stayed at chance (the others' loss became non-finite)."""
+        return sum(1 for r in self.results if r.get("reason") == "chance")
+
+    @property
+    def n_diverged(self) -> int:
+        """Every model recorded as diverged, left out or (``kept_diverged``) kept."""
+        return sum(1 for r in self.results if r.get("status") == "diverged")
 
     @property
     def diverged_text(self) -> str:
@@ -88,8 +102,9 @@ def _read_json(path: Path) -> Any:
                           "sampling job's command again to rewrite it") from None
 
 
-def load_sweep(path: str | Path) -> Sweep:
-    """Read a sweep folder. Raises :class:`TricksError` when it is not a sweep or holds no finished model."""
+def load_sweep(path: str | Path, keep_diverged: bool = False) -> Sweep:
+    """Read a sweep folder. Raises :class:`TricksError` when it is not a sweep or holds no finished
+    model. ``keep_diverged``: the networks that stayed at chance count as finished (ok)."""
     path = Path(path)
     if path.is_file() and path.name == "sweep.json":
         path = path.parent
@@ -114,14 +129,28 @@ def load_sweep(path: str | Path) -> Sweep:
         results.append(result)
     results.sort(key=lambda r: (as_number(r.get("index")) if math.isfinite(as_number(r.get("index"))) else math.inf,
                                 r["id"]))
+    from .sweep import CHANCE_MARGIN, chance_error
+
+    classes = spec.get("num_classes") if isinstance(spec.get("num_classes"), int) else None
     ok, failed, diverged = [], [], []
-    for result in results:
+    for i, result in enumerate(results):
         status = result.get("status", "ok")
-        if status == "diverged" or (status == "ok" and "final_val_loss" in result
+        best = as_number(result.get("best_error"))
+        finite_loss = "final_val_loss" not in result or math.isfinite(as_number(result["final_val_loss"]))
+        if status == "ok" and finite_loss and classes and math.isfinite(best) and \
+                best >= chance_error(classes) - CHANCE_MARGIN:
+            result = results[i] = {**result, "status": "diverged", "reason": "chance", "message": (
+                f"its validation error stayed at chance ({best:.1f}% at best, chance {chance_error(classes):.1f}%)")}
+            status = "diverged"
+        if status == "diverged" and keep_diverged and result.get("reason") == "chance" \
+                and math.isfinite(as_number(result.get("error"))):
+            ok.append(result)
+        elif status == "diverged" or (status == "ok" and "final_val_loss" in result
                                     and not math.isfinite(as_number(result["final_val_loss"]))):
             if not result.get("message"):
                 result = {**result, "message": "its training loss became non-finite"}
-            diverged.append({**result, "status": "diverged"})
+            results[i] = entry = {**result, "status": "diverged", "reason": result.get("reason") or "non-finite"}
+            diverged.append(entry)
         elif status == "ok" and math.isfinite(as_number(result.get("error"))):
             ok.append(result)
         else:
@@ -129,7 +158,7 @@ def load_sweep(path: str | Path) -> Sweep:
                 result = {**result, "message": "finished without an error value"}
             failed.append(result)
     space = spec.get("space") if isinstance(spec.get("space"), str) else None
-    sweep = Sweep(path, space or path.resolve().name, space, spec, results, ok, failed, diverged)
+    sweep = Sweep(path, space or path.resolve().name, space, spec, results, ok, failed, diverged, keep_diverged)
     if not results:
         where = "results/ is empty" if results_dir.is_dir() else "it has no results/ folder"
         raise TricksError(f"{path} holds no finished model yet ({where})")
@@ -143,9 +172,9 @@ def load_sweep(path: str | Path) -> Sweep:
     return sweep
 
 
-def load_sweeps(paths: Sequence[str | Path | Sweep]) -> list[Sweep]:
+def load_sweeps(paths: Sequence[str | Path | Sweep], keep_diverged: bool = False) -> list[Sweep]:
     """Read several sweeps and give each a distinct label: the space, else the folder name, else more of the path."""
-    sweeps = [p if isinstance(p, Sweep) else load_sweep(p) for p in paths]
+    sweeps = [p if isinstance(p, Sweep) else load_sweep(p, keep_diverged) for p in paths]
     if not sweeps:
         raise TricksError("no sweep to analyse: give at least one sweep folder")
     labels = [s.name for s in sweeps]

@@ -5,7 +5,8 @@ A job lives in one folder::
     SWEEP/sweep.json        what was asked: the space, n, seed, complexity window, input shape, recipe
     SWEEP/samples.jsonl     the sampled networks, in order (id, params, config, complexity)
     SWEEP/results/ID.json   one result per finished network: ok (errors, time), diverged (its training
-                            loss became non-finite: where, and no error) or failed (the message)
+                            loss became non-finite: where, and no error; or its validation error
+                            stayed at chance: its errors kept, ``reason: "chance"``) or failed
     SWEEP/runs/ID/          the network's run directory (config.yaml, metrics.jsonl, checkpoints)
 
 A sampling job is a job of the core's engine (:mod:`tricks.jobs`), one item per network, which
@@ -23,6 +24,7 @@ device, each keeping the data set on its device between networks), or over a Ray
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,19 +97,27 @@ def _read_plan(path: Path) -> dict:
     return meta
 
 
+DEFAULT_RECIPE = Path(__file__).with_name("sampling.yaml")  # also recipes/sampling.yaml in the repository
+EMBEDDED_SIZE = 32  # the side the embedded 8x8 digits are upsampled to in a sampling job (see plan)
+
+
 def base_recipe(plugins: list[str] | str | None = None, config: str | Path | dict | None = None,
                 sets: list[str] | None = None, overrides: dict[str, Any] | None = None,
                 registries: list[Path] | None = None):
-    """The training recipe every sampled network shares: the given plugins plus ``regnet``, whose
-    ``--model anynet`` builds each network from its ``regnet.arch``."""
+    """The training recipe every sampled network shares, plus ``regnet``, whose ``--model anynet``
+    builds each network from its ``regnet.arch``. Without ``config`` it is :data:`DEFAULT_RECIPE`
+    with ``plugins`` added to its own; with ``config``, that recipe alone (``plugins``, when given,
+    replace its list, as in ``tricks run``)."""
     import tricks
+    from tricks.config import read_recipe
 
     if isinstance(plugins, str):
         plugins = [p.strip() for p in plugins.split(",") if p.strip()]
     names = [p for p in (plugins or []) if isinstance(p, str)]
-    if plugins is None and config is not None:
-        from tricks.config import read_recipe
-
+    if config is None:
+        config = read_recipe(DEFAULT_RECIPE)
+        names = [*config.get("plugins", []), *(n for n in names if n not in config.get("plugins", []))]
+    elif plugins is None:
         recipe = read_recipe(config) if isinstance(config, (str, Path)) else dict(config)
         names = list(recipe.get("plugins") or [])
     if PLUGIN not in names:
@@ -149,7 +159,17 @@ def plan(out: str | Path, space: str | Path | dict | DesignSpace, n: int, seed: 
     except SpaceError as error:
         raise TricksError(str(error)) from None
     window = window or Window()
-    cfg = base_recipe(plugins, config, sets, {**device_defaults(overrides), **(overrides or {})}, registries)
+    job_overrides = {**device_defaults(overrides), **(overrides or {})}
+    cfg = base_recipe(plugins, config, sets, job_overrides, registries)
+    if cfg.core.dataset == "digits" and cfg.core.image_size is None:
+        # 8x8 digits leave a 4-stage network 1x1 maps after its third stage: sample and train at the
+        # CIFAR side instead, so that a --flops window means the same networks as on CIFAR-10; and,
+        # unless the job asks for it, without the digits' crop augmentation, which at this side and
+        # a few epochs held RegNetX networks near 70% error (about 45% without it)
+        extra = {"image_size": EMBEDDED_SIZE}
+        if config is None and "augment" not in (overrides or {}):
+            extra["augment"] = False
+        cfg = base_recipe(plugins, config, sets, {**job_overrides, **extra}, registries)
     data = load_data(cfg.core)
     stem = resolve_stem(cfg.settings[PLUGIN].stem, data.image_size)
     recipe = cfg.to_dict()
@@ -185,13 +205,34 @@ def plan(out: str | Path, space: str | Path | dict | DesignSpace, n: int, seed: 
 
 
 # --- the job -------------------------------------------------------------------------------------
-def error_of(result: dict) -> dict:
+CHANCE_MARGIN = 2.0  # percentage points: a best error within this of chance is "stayed at chance"
+
+
+def chance_error(num_classes: int) -> float:
+    """The top-1 error in per cent of a classifier that guesses: ``100 (1 - 1/C)``."""
+    return 100.0 * (1.0 - 1.0 / max(1, num_classes))
+
+
+def error_of(result: dict, num_classes: int | None = None) -> dict:
     """A network's result with its final and best top-1 error in per cent (None when it failed or
-    diverged)."""
+    its loss became non-finite). With ``num_classes``, a network whose best error of any epoch stayed
+    within :data:`CHANCE_MARGIN` points of chance is recorded as diverged (``reason: "chance"``,
+    ``diverged_at`` its last epoch), its errors kept, so that analyses can leave it out or keep it."""
     ok = result["status"] == "ok" and result.get("final_val_acc") is not None
-    return {**result,
-            "error": round(100.0 * (1.0 - result["final_val_acc"]), 4) if ok else None,
-            "best_error": round(100.0 * (1.0 - result["best_val_acc"]), 4) if ok else None}
+    out = {**result,
+           "error": round(100.0 * (1.0 - result["final_val_acc"]), 4) if ok else None,
+           "best_error": round(100.0 * (1.0 - result["best_val_acc"]), 4) if ok and result.get("best_val_acc")
+           is not None else None}
+    if ok and num_classes and out["best_error"] is not None:
+        chance = chance_error(num_classes)
+        if out["best_error"] >= chance - CHANCE_MARGIN:
+            epochs = result.get("epochs")
+            out.update(status="diverged", reason="chance", diverged_at={"epoch": epochs, "step": None},
+                       message=f"its validation error stayed at chance ({out['best_error']:.1f}% at best, chance "
+                               f"{chance:.1f}% for {num_classes} classes) through epoch {epochs}")
+    elif result["status"] == "diverged":
+        out.setdefault("reason", "non-finite")
+    return out
 
 
 def engine_job(job: Job) -> jobs.Job:
@@ -203,7 +244,8 @@ def engine_job(job: Job) -> jobs.Job:
         recipe.setdefault(PLUGIN, {})["arch"] = s.config.to_dict()
         ident = job.ident(i)
         items.append(jobs.Item(ident, recipe, meta={"index": i, "space": job.space.name, **s.to_dict()}))
-    return jobs.Job(job.out, "sample", items, meta={"space": job.space.name}, describe=error_of)
+    return jobs.Job(job.out, "sample", items, meta={"space": job.space.name},
+                    describe=functools.partial(error_of, num_classes=job.num_classes))
 
 
 class _EngineProgress(jobs.JobProgress):
@@ -285,4 +327,4 @@ def load_job(out: str | Path) -> Job:
 
 
 __all__ = ["Job", "Progress", "plan", "run", "sample_job", "load_job", "summarize", "local_devices", "base_recipe",
-           "error_of", "engine_job", "BACKENDS"]
+           "error_of", "chance_error", "CHANCE_MARGIN", "engine_job", "BACKENDS", "DEFAULT_RECIPE"]
