@@ -1,5 +1,5 @@
 """The CPU miniature of docs/results/pruning_cifar10.md: after `tricks ablate` has pruned, train
-each l1- and dcp-pruned architecture from scratch (core.structure_from) as one job, then tabulate accuracy
+each pruned architecture from scratch (core.structure_from) as one job, then tabulate accuracy
 against the MACs kept for every criterion and ratio, pruned-and-fine-tuned beside from-scratch,
 and draw the chart.
 
@@ -22,7 +22,7 @@ from tricks.jobs import Item, Job, run_job
 # The settings every run of the miniature shares (the page's ablate command uses the same).
 CORE = {"model": "resnet20", "dataset": "npz", "train_limit": 5000, "val_limit": 2000, "epochs": 4,
         "batch_size": 128, "device": "cpu", "curves": False}
-SCRATCH = ("l1", "dcp")  # the criteria whose architectures are also trained from scratch
+SCRATCH = ("l1", "random", "slimming", "taylor", "dcp")  # the criteria whose architectures are also trained from scratch
 
 
 def pruned_runs(ablation: Path) -> list[tricks.RunDir]:
