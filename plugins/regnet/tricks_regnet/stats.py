@@ -129,7 +129,7 @@ def load_sweep(path: str | Path, keep_diverged: bool = False) -> Sweep:
         results.append(result)
     results.sort(key=lambda r: (as_number(r.get("index")) if math.isfinite(as_number(r.get("index"))) else math.inf,
                                 r["id"]))
-    from .sweep import CHANCE_MARGIN, chance_error
+    from .sweep import at_chance, chance_error
 
     classes = spec.get("num_classes") if isinstance(spec.get("num_classes"), int) else None
     ok, failed, diverged = [], [], []
@@ -137,8 +137,7 @@ def load_sweep(path: str | Path, keep_diverged: bool = False) -> Sweep:
         status = result.get("status", "ok")
         best = as_number(result.get("best_error"))
         finite_loss = "final_val_loss" not in result or math.isfinite(as_number(result["final_val_loss"]))
-        if status == "ok" and finite_loss and classes and math.isfinite(best) and \
-                best >= chance_error(classes) - CHANCE_MARGIN:
+        if status == "ok" and finite_loss and classes and math.isfinite(best) and at_chance(best, classes):
             result = results[i] = {**result, "status": "diverged", "reason": "chance", "message": (
                 f"its validation error stayed at chance ({best:.1f}% at best, chance {chance_error(classes):.1f}%)")}
             status = "diverged"

@@ -213,6 +213,11 @@ def chance_error(num_classes: int) -> float:
     return 100.0 * (1.0 - 1.0 / max(1, num_classes))
 
 
+def at_chance(best_error: float, num_classes: int) -> bool:
+    """Whether a best top-1 error (%) is within :data:`CHANCE_MARGIN` points of chance."""
+    return best_error >= chance_error(num_classes) - CHANCE_MARGIN
+
+
 def error_of(result: dict, num_classes: int | None = None) -> dict:
     """A network's result with its final and best top-1 error in per cent (None when it failed or
     its loss became non-finite). With ``num_classes``, a network whose best error of any epoch stayed
@@ -225,7 +230,7 @@ def error_of(result: dict, num_classes: int | None = None) -> dict:
            is not None else None}
     if ok and num_classes and out["best_error"] is not None:
         chance = chance_error(num_classes)
-        if out["best_error"] >= chance - CHANCE_MARGIN:
+        if at_chance(out["best_error"], num_classes):
             epochs = result.get("epochs")
             out.update(status="diverged", reason="chance", diverged_at={"epoch": epochs, "step": None},
                        message=f"its validation error stayed at chance ({out['best_error']:.1f}% at best, chance "
@@ -327,4 +332,4 @@ def load_job(out: str | Path) -> Job:
 
 
 __all__ = ["Job", "Progress", "plan", "run", "sample_job", "load_job", "summarize", "local_devices", "base_recipe",
-           "error_of", "chance_error", "CHANCE_MARGIN", "engine_job", "BACKENDS", "DEFAULT_RECIPE"]
+           "error_of", "chance_error", "at_chance", "CHANCE_MARGIN", "engine_job", "BACKENDS", "DEFAULT_RECIPE"]
