@@ -66,6 +66,9 @@ class RunContext:
     data: Data | None = field(default=None, repr=False)
     reporter: Reporter = field(default_factory=Reporter, repr=False)
     state: dict[str, Any] = field(default_factory=dict)
+    # the run's hooks (tricks.hooks.Hooks): a plugin that must call a hook again, on another
+    # model, goes through it (ema evaluates its averaged weights with the run's ``evaluate``)
+    hooks: Any = field(default=None, repr=False)
 
     @property
     def total_steps(self) -> int:
@@ -341,7 +344,7 @@ class Trainer:
             core=core, run_config=cfg, device=device, rank=self.rank, world_size=self.world, run_dir=self.run_dir,
             num_classes=data.num_classes, in_chans=data.in_chans, image_size=data.image_size,
             train_size=data.train_size, steps_per_epoch=len(train_loader), epochs=core.epochs,
-            data=data, reporter=self.reporter,
+            data=data, reporter=self.reporter, hooks=self.hooks,
         )
         hooks = self.hooks
         self._history: list[dict] = []

@@ -19,7 +19,7 @@ from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import TricksError
 from .hookspecs import RULES
@@ -56,6 +56,7 @@ class Entry(BaseModel):
     paper: Paper | None = None
     summary: str
     models: list[str] = []  # model names (shell-style patterns) that this plugin builds
+    reasons: dict[str, str] = {}  # why a listed conflict holds, by the other plugin's name: shown in the refusal
     # where the entry and each of its fields are written: "registry F, line L, column C" ("" is the entry's name)
     _where: dict[str, str] = PrivateAttr(default_factory=dict)
 
@@ -73,6 +74,13 @@ class Entry(BaseModel):
         if ":" not in value:
             raise ValueError("must look like 'module:Object'")
         return value
+
+    @model_validator(mode="after")
+    def _reasons(self):
+        stray = [name for name in self.reasons if name not in self.conflicts]
+        if stray:
+            raise ValueError(f"reasons names {stray[0]!r}, which is not in conflicts; add it there or drop the reason")
+        return self
 
 
 REFERENCES = ("conflicts", "requires", "after", "before")  # fields that name other plugins
@@ -349,7 +357,8 @@ class Catalog:
         for i, a in enumerate(infos):
             for b in infos[i + 1:]:
                 if b.name in a.meta("conflicts") or a.name in b.meta("conflicts"):
-                    raise TricksError(f"plugins '{a.name}' and '{b.name}' conflict: use one of them")
+                    why = self._reason(a, b) or self._reason(b, a)
+                    raise TricksError(f"plugins '{a.name}' and '{b.name}' conflict: {why + '; ' if why else ''}use one of them")
                 shared = set(a.meta("provides")) & set(b.meta("provides")) & set(EXCLUSIVE)
                 if shared:
                     raise TricksError(
@@ -361,6 +370,11 @@ class Catalog:
                 if req not in seen:
                     raise TricksError(f"plugin '{a.name}' requires '{req}': add it to --plugins")
         return self._order(infos)
+
+    @staticmethod
+    def _reason(a: PluginInfo, b: PluginInfo) -> str:
+        """Why ``a`` declares a conflict with ``b``, where its registry entry says."""
+        return a.entry.reasons.get(b.name, "") if a.entry is not None else ""
 
     @staticmethod
     def _order(infos: list[PluginInfo]) -> list[PluginInfo]:

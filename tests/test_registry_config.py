@@ -63,6 +63,7 @@ def test_explicit_conflicts_requirements_and_order(tmp_path):
     reg = write_registry(tmp_path, {
         "a": {"conflicts": ["b"]},
         "b": {},
+        "g": {"conflicts": ["b"], "reasons": {"b": "g needs what b takes away"}},
         "c": {"requires": ["d"]},
         "d": {"after": ["e"]},
         "e": {},
@@ -73,8 +74,12 @@ def test_explicit_conflicts_requirements_and_order(tmp_path):
     catalog = Catalog([reg])
     for info in catalog.plugins.values():
         info.entry_point = info.entry_point or md.EntryPoint(info.name, "tricks_mixup:Mixup", "tricks.plugins")
-    with pytest.raises(TricksError, match=r"plugins 'a' and 'b' conflict"):
+    with pytest.raises(TricksError, match=r"plugins 'a' and 'b' conflict: use one of them$"):
         catalog.resolve(["a", "b"])
+    # a reason declared by either side is printed, whichever order the plugins are named in
+    for names in (["g", "b"], ["b", "g"]):
+        with pytest.raises(TricksError, match=r"conflict: g needs what b takes away; use one of them$"):
+            catalog.resolve(names)
     with pytest.raises(TricksError, match=r"plugin 'c' requires 'd': add it to --plugins"):
         catalog.resolve(["c"])
     assert [i.name for i in catalog.resolve(["d", "e", "c"])] == ["e", "d", "c"]
@@ -92,6 +97,7 @@ def test_explicit_conflicts_requirements_and_order(tmp_path):
     ({"hooks": ["on_batchh"]}, r"entry 'bad': field 'hooks.*unknown hook 'on_batchh'"),
     ({"entry_point": "nocolon"}, r"entry 'bad': field 'entry_point'.*module:Object"),
     ({"colour": "red"}, r"entry 'bad': field 'colour'"),
+    ({"reasons": {"mixup": "why"}}, r"entry 'bad'.*reasons names 'mixup', which is not in conflicts"),
 ])
 def test_malformed_registry_names_entry_and_field(tmp_path, fields, message):
     entry = {"distribution": "d", "entry_point": "m:O", "path": "p", "hooks": ["on_batch"], "category": "c", "summary": "s"}
