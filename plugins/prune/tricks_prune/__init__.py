@@ -75,7 +75,8 @@ class PruneSettings(tricks.Settings):
     steps: int = tricks.Field(1, ge=1, description="pruning steps (1: one-shot); each removes an equal share of ratio")
     every: int = tricks.Field(1, ge=1, description="epochs between two pruning steps")
     exclude: list[str] = tricks.Field([], description="layers whose output channels stay, as fnmatch patterns of their "
-                                                      "names (e.g. 'stem*'); the classifier's outputs always stay")
+                                                      "names (e.g. 'stem*'); the classifier's outputs always stay, "
+                                                      "and so do the layers the model names in prune_exclude()")
     min_channels: int = tricks.Field(1, ge=1, description="channels every layer keeps at least")
     streams: bool = tricks.Field(False, description="also prune residual streams (the channels summed across a "
                                                     "ResNet stage: its stem or shortcut and every block's last "
@@ -113,6 +114,14 @@ class PruneSettings(tricks.Settings):
     def ranking(self) -> str:
         """The scope in force: the setting, or layer for dcp and global for the other criteria."""
         return self.scope or ("layer" if self.criterion == "dcp" else "global")
+
+
+def model_exclude(model) -> list[str]:
+    """The layers a model says must keep their output channels: the fnmatch patterns its
+    ``prune_exclude()`` returns, if it has one (a ViT: its attention's ``qkv``, whose output is
+    split into heads, which channel pruning does not know)."""
+    declared = getattr(model, "prune_exclude", None)
+    return list(declared()) if callable(declared) else []
 
 
 class Prune(tricks.Plugin):
@@ -155,11 +164,12 @@ class Prune(tricks.Plugin):
         """``(dg, groups, exclude)``: the model's channel groups with the layers that must stay,
         ``prune.exclude`` plus, unless ``prune.streams``, the layers that write residual streams."""
         s = self.settings
-        dg, groups = find_groups(model, x, s.exclude, s.min_channels)
-        extra = [] if s.streams else [n for n in stream_layers(groups) if not matches(n, s.exclude)]
+        base = [*s.exclude, *model_exclude(model)]
+        dg, groups = find_groups(model, x, base, s.min_channels)
+        extra = [] if s.streams else [n for n in stream_layers(groups) if not matches(n, base)]
         if not extra:
-            return dg, groups, list(s.exclude)
-        exclude = [*s.exclude, *extra]
+            return dg, groups, base
+        exclude = [*base, *extra]
         return (dg, *find_groups(model, x, exclude, s.min_channels, dg=dg)[1:], exclude)
 
     # --- dcp: auxiliary heads, their losses, the images channels are selected on ---------------
