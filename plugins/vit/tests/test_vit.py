@@ -114,8 +114,10 @@ def test_rollout_rows_sum_to_one_and_follow_the_formula():
     torch.testing.assert_close(r, expected, rtol=0, atol=1e-6)
     for fusion in ("max", "min"):
         torch.testing.assert_close(rollout(maps, fusion).sum(-1), torch.ones(2, 5), rtol=0, atol=1e-6)
-    m = class_token_map(r[:, :, :], (2, 2))
+    m = class_token_map(r, (2, 2))
     assert m.shape == (2, 2, 2) and torch.allclose(m.amax(dim=(1, 2)), torch.ones(2))
+    assert torch.allclose(m.amin(dim=(1, 2)), torch.zeros(2))
+    assert torch.equal(m.flatten(1).argmax(1), r[:, 0, 1:].argmax(1))  # the most-attended patch is the brightest
 
 
 def test_position_embeddings_follow_the_image_size():

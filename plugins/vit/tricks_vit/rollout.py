@@ -33,9 +33,11 @@ def rollout(maps: list[torch.Tensor], fusion: str = "mean") -> torch.Tensor:
 
 
 def class_token_map(r: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """The class token's row of ``R`` over the patches, as ``[B, gh, gw]`` scaled to a maximum of 1."""
+    """The class token's row of ``R`` over the patches, as ``[B, gh, gw]`` scaled to [0, 1] per image
+    (least-attended patch 0, most-attended 1)."""
     row = r[:, 0, 1:].reshape(len(r), *grid)
-    return row / row.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
+    low, high = row.amin(dim=(1, 2), keepdim=True), row.amax(dim=(1, 2), keepdim=True)
+    return (row - low) / (high - low).clamp_min(1e-12)
 
 
 @torch.no_grad()
@@ -53,7 +55,7 @@ def attention_maps(model, x: torch.Tensor, fusion: str = "mean") -> tuple[torch.
 
 def plot_attention(images: torch.Tensor, maps: torch.Tensor, path: Path, labels=None, predictions=None,
                    classes=None, title: str = "") -> None:
-    """A PNG of each image (uint8 ``[B, C, H, W]``) above its rollout map overlaid on it."""
+    """A PNG of each image (uint8 ``[B, C, H, W]``) above its rollout map (the image faintly over it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,8 +71,8 @@ def plot_attention(images: torch.Tensor, maps: torch.Tensor, path: Path, labels=
         img = img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)
         cmap = "gray" if img.ndim == 2 else None
         axes[0, i].imshow(img.numpy(), cmap=cmap)
-        axes[1, i].imshow(img.numpy(), cmap=cmap)
-        axes[1, i].imshow(up[i].numpy(), cmap="inferno", alpha=0.6, vmin=0, vmax=1)
+        axes[1, i].imshow(up[i].numpy(), cmap="inferno", vmin=0, vmax=1)
+        axes[1, i].imshow(img.numpy(), cmap=cmap, alpha=0.3)  # the image faintly over the map
         if labels is not None:
             text = f"true {name(int(labels[i]))}"
             if predictions is not None:
