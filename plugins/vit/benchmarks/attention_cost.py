@@ -9,8 +9,10 @@ ResNets of similar cost.
 Attention: ``--batch`` sequences of ``--heads`` heads of width ``--head-dim``, forward and
 backward (the sum of the output as the loss), median of ``--repeats`` after warm-up; on CUDA the
 device is synchronized around each measurement and the peak memory of one forward+backward is
-read from ``torch.cuda.max_memory_allocated`` (on the CPU, the memory the reference must hold and
-SDPA need not, the ``L x L`` weights per head, is computed: ``batch * heads * L^2 * bytes``).
+read from ``torch.cuda.max_memory_allocated``; on the CPU (Linux) each forward+backward runs once more in a
+fresh process, and the growth of its peak resident memory (``VmHWM``, reset just before the call)
+over its resident memory before the call is printed (the ``L x L`` weights per head that the reference must hold, ``batch * heads
+* L^2 * bytes``, are printed beside it).
 Training step: forward, backward and an AdamW step on a batch of ``--step-batch`` 32x32 images,
 for ``vit_cifar``, ``resnet20`` and ``resnet56``, with each model's multiply-adds per image.
 Printed side by side; nothing is asserted.
@@ -19,7 +21,10 @@ Printed side by side; nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -49,6 +54,32 @@ def timed(fn, device, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+PEAK = """
+import json, sys, torch, torch.nn.functional as F
+from tricks_vit import reference_attention
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+torch.set_num_threads({threads})
+q, k, v = (torch.randn({shape}, dtype={dtype}, requires_grad=True) for _ in range(3))
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from the current size
+before = status("VmRSS:")
+out = F.scaled_dot_product_attention(q, k, v) if {fused} else reference_attention(q, k, v)[0]
+out.sum().backward()
+print(json.dumps(status("VmHWM:") - before))
+"""
+
+
+def cpu_peak(shape, dtype, fused: bool, threads: int) -> int:
+    """Bytes by which one forward+backward raises the peak resident memory of a fresh process."""
+    code = PEAK.format(shape=tuple(shape), dtype=f"torch.{str(dtype).split('.')[-1]}", fused=fused, threads=threads)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def attention_rows(args, device, dtype):
     rows = []
     for length in args.lengths:
@@ -72,6 +103,8 @@ def attention_rows(args, device, dtype):
                 row[name + "_mem"] = torch.cuda.max_memory_allocated(device) - base
         if device.type != "cuda":
             row["weights_mem"] = args.batch * args.heads * length * length * torch.finfo(dtype).bits // 8
+            for name, fused_ in (("sdpa", True), ("reference", False)):
+                row[name + "_mem"] = cpu_peak(shape, dtype, fused_, torch.get_num_threads())
         rows.append(row)
     return rows
 
@@ -117,11 +150,13 @@ def main():
     print(f"torch {torch.__version__}, {device}, {args.dtype}, {torch.get_num_threads()} threads")
     print(f"\nattention forward+backward, batch {args.batch}, {args.heads} heads of {args.head_dim} "
           f"(median of {args.repeats})")
-    mem = "peak MiB sdpa / reference" if device.type == "cuda" else "L x L weights MiB (reference only)"
+    mem = ("peak MiB sdpa / reference" if device.type == "cuda"
+           else "peak RSS growth MiB sdpa / reference (L x L weights MiB)")
     print(f"{'L':>6} {'sdpa ms':>10} {'reference ms':>13} {'reference / sdpa':>17}   {mem}")
     for r in attention_rows(args, device, dtype):
-        m = (f"{r['sdpa_mem'] / 2**20:.1f} / {r['reference_mem'] / 2**20:.1f}" if device.type == "cuda"
-             else f"{r['weights_mem'] / 2**20:.1f}")
+        m = f"{r['sdpa_mem'] / 2**20:.1f} / {r['reference_mem'] / 2**20:.1f}"
+        if device.type != "cuda":
+            m += f" ({r['weights_mem'] / 2**20:.1f})"
         print(f"{r['L']:>6} {1e3 * r['sdpa']:>10.2f} {1e3 * r['reference']:>13.2f} {r['reference'] / r['sdpa']:>17.2f}   {m}")
     print(f"\ntraining step (forward, backward, AdamW), batch {args.step_batch} of 32x32 images "
           f"(median of {args.step_repeats})")
