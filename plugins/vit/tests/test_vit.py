@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import run_cli
+from processes import cli_in_process, one_line_error
 
 from tricks.models import complexity, create_model
 from tricks.testing import tiny_run
@@ -165,12 +165,13 @@ def test_a_model_name_brings_the_plugin_in(tmp_path):
 
 def test_the_attention_command(tmp_path):
     run = tiny_run(["vit"], out=tmp_path / "run", **TINY_VIT, set=["vit.attention_map=false"])
-    done = run_cli("attention", str(run.path), "--images", "4", "--out", str(tmp_path / "maps.png"))
-    assert done.returncode == 0, done.stderr
+    code, out, err = cli_in_process("attention", str(run.path), "--images", "4", "--out", str(tmp_path / "maps.png"))
+    assert code == 0, err
+    assert out.strip() == str(tmp_path / "maps.png")
     assert (tmp_path / "maps.png").read_bytes()[:4] == b"\x89PNG"
     resnet = tiny_run([], out=tmp_path / "resnet", model="resnet8", train_limit=64, val_limit=32)
-    refused = run_cli("attention", str(resnet.path))
-    assert refused.returncode == 2 and "not a ViT" in refused.stderr and "Traceback" not in refused.stderr
+    one_line_error(*cli_in_process("attention", str(resnet.path))[::2], "not a ViT")
+    one_line_error(*cli_in_process("attention", str(tmp_path / "nowhere"))[::2], "holds no run")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -181,11 +182,9 @@ def test_the_attention_command(tmp_path):
     (["--set", "vit.fusion=sum"], "vit.fusion"),
 ], ids=["zero_gamma", "dropblock", "image size", "heads", "fusion"])
 def test_what_does_not_apply_to_a_vit_is_refused_in_one_line(args, message, tmp_path):
-    done = run_cli("run", "--model", "vit_cifar", "--epochs", "1", "--set", "core.train_limit=64",
-                   "--out", str(tmp_path / "run"), *args)
-    assert done.returncode == 2, done.stderr
-    assert message in done.stderr and "Traceback" not in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1
+    code, _, stderr = cli_in_process("run", "--model", "vit_cifar", "--epochs", "1", "--set", "core.train_limit=64",
+                                     "--out", str(tmp_path / "run"), *args)
+    one_line_error(code, stderr, message)
 
 
 def test_channel_pruning_keeps_the_heads_and_prunes_the_mlps(tmp_path):

@@ -36,7 +36,7 @@ def attention(
     if fusion not in FUSIONS:
         raise TricksError(f"--fusion {fusion} is not one of {', '.join(FUSIONS)}")
     rd = tricks.RunDir(run)
-    if not rd.has_run:
+    if not rd.has_run():
         raise TricksError(f"{run} holds no run (no {rd.CONFIG}); give the directory of a ViT run")
     model = rd.build_model(device)
     if not isinstance(model, VisionTransformer):
