@@ -42,6 +42,24 @@ class KillAtEpoch(tricks.Plugin):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class Stopped(Exception):
+    """What :class:`StopAtEpoch` raises."""
+
+
+class StopAtEpoch(tricks.Plugin):
+    """Stop the run in this process (an exception, not a kill) when epoch ``epoch`` (0-based)
+    starts: the in-process stand-in for an interruption, its last epoch committed."""
+
+    def __init__(self, epoch: int):
+        super().__init__()
+        self.epoch = epoch
+
+    @tricks.hookimpl
+    def on_epoch_start(self, ctx, epoch):
+        if epoch == self.epoch:
+            raise Stopped(f"stopped as epoch {epoch} starts")
+
+
 class KillWhileSaving(tricks.Plugin):
     """SIGKILL this process in the middle of writing the checkpoint of epoch ``epoch`` (0-based):
     its temporary file is written and synced, the rename into place never happens."""

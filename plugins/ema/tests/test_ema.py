@@ -15,7 +15,7 @@ import tricks
 from tricks.testing import make_ctx, one_torch_thread, tiny_run
 from tricks_ema import EMA, EMASettings, warmup_decay
 
-from processes import cli_in_process, finish_killed, one_line_error, start_script
+from processes import StopAtEpoch, cli_in_process, finish_killed, one_line_error, start_script
 
 TINY_API = {"model": "resnet8", "batch_size": 32, "train_limit": 256, "val_limit": 128, "device": "cpu", "curves": False}
 
@@ -208,21 +208,6 @@ def test_a_step_the_fp16_scaler_skips_is_not_an_update():
 
 
 # --- resume ----------------------------------------------------------------------------------------
-
-
-class Stopped(Exception):
-    pass
-
-
-class StopAtEpoch(tricks.Plugin):
-    def __init__(self, epoch: int):
-        super().__init__()
-        self.epoch = epoch
-
-    @tricks.hookimpl
-    def on_epoch_start(self, ctx, epoch):
-        if epoch == self.epoch:
-            raise Stopped(f"stopped as epoch {epoch} starts")
 
 
 def assert_same_run(got: tricks.RunDir, want: tricks.RunDir) -> None:
