@@ -272,6 +272,8 @@ class CoreSettings(Settings):
     val_limit: int | None = Field(None, ge=1, description="use only the first N validation examples")
     image_size: int | None = Field(None, ge=8, description="resize inputs to this side (default: the data set's own; 224 for imagefolder)")
     augment: bool = Field(True, description="the data set's standard augmentation (random crop with padding, flip where it applies)")
+    crop_pad: int | None = Field(None, ge=0, description="padding of the random crop in pixels, i.e. the largest shift of the image "
+                                 "(default: the data set's own, 4 per 32 px; 0: no crop)")
     epochs: int = Field(20, ge=1, description="training epochs")
     batch_size: int = Field(64, ge=1, description="global batch size (split across processes)")
     lr: float = Field(0.1, gt=0, description="base learning rate")
@@ -292,7 +294,7 @@ class CoreSettings(Settings):
     # inf and nan are no learning rate, momentum or decay: refused like any value out of range
     model_config = ConfigDict(allow_inf_nan=False)
 
-    @field_validator("train_limit", "val_limit", "image_size", "epochs", "batch_size", "lr", "momentum",
+    @field_validator("train_limit", "val_limit", "image_size", "crop_pad", "epochs", "batch_size", "lr", "momentum",
                      "weight_decay", "workers", "log_every", mode="wrap")
     @classmethod
     def _in_range(cls, value, handler, info):

@@ -59,10 +59,34 @@ class Data:
     folder_train: object = None  # imagefolder: the ImageFiles of each split
     folder_val: object = None
     notes: list[str] = field(default_factory=list)  # what the loader did that the user should know, for the log
+    # the examples of each training epoch (a plugin's resampling, see hookspecs.prepare_data):
+    # None takes every training example once per epoch, in a random order
+    train_sampler: "Sampler | None" = None
 
     @property
     def train_size(self) -> int:
+        if self.train_sampler is not None:
+            return len(self.train_sampler)
         return len(self.train.y) if self.train is not None else len(self.folder_train)
+
+
+class Sampler:
+    """Which training examples an epoch visits, and in what order: ``order(seed, epoch)`` returns
+    ``len(self)`` indices into the training split (repeats allowed), drawn from ``(seed, epoch)``
+    alone so that every process, and a resumed run, draws the same ones. A plugin that resamples
+    the training data (``prepare_data``) sets one as ``Data.train_sampler``; the data held on the
+    device is the split itself, never a resampled copy."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def order(self, seed: int, epoch: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The CPU generator of an epoch's order, seeded from ``(seed, epoch)`` alone."""
+    return torch.Generator().manual_seed((seed * 100003 + epoch) % (2**63 - 1))
 
 
 def _stats(x: np.ndarray, chunk: int = 8192) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -468,6 +492,8 @@ def _load_data(core) -> Data:
             xt, yt, xv, yv, num_classes = _mnist(root, core.download) if name == "mnist" else _cifar(name, root, core.download)
             all_t = yt
         pad, flip = 4 * xt.shape[1] // 32, name != "mnist"  # handwriting is not mirror-symmetric
+    if core.crop_pad is not None:
+        pad = core.crop_pad
     if core.train_limit:
         xt, yt = xt[: core.train_limit], yt[: core.train_limit]
     if core.val_limit:
@@ -769,11 +795,12 @@ class TensorLoader:
     """
 
     def __init__(self, split: Split, pipeline: Pipeline, batch_size: int, train: bool, seed: int,
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, sampler: Sampler | None = None):
         self.split, self.pipeline, self.train = split, pipeline, train
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        self.sampler = sampler if train else None
         self.epoch = 0
-        n = len(split.y)
+        n = len(self.sampler) if self.sampler is not None else len(split.y)
         self.shard = n // world if train else len(range(rank, n, world))
         self.batches = self.shard // batch_size if train else -(-self.shard // batch_size)
         if train and self.batches == 0:
@@ -789,8 +816,11 @@ class TensorLoader:
         n = len(self.split.y)
         device = self.split.y.device
         if self.train:
-            g = torch.Generator().manual_seed((self.seed * 100003 + self.epoch) % (2**63 - 1))
-            order = torch.randperm(n, generator=g)[: self.shard * self.world][self.rank:: self.world].to(device)
+            if self.sampler is not None:
+                order = self.sampler.order(self.seed, self.epoch)
+            else:
+                order = torch.randperm(n, generator=epoch_generator(self.seed, self.epoch))
+            order = order[: self.shard * self.world][self.rank:: self.world].to(device)
         else:
             order = torch.arange(self.rank, n, self.world, device=device)
         for i in range(self.batches):
@@ -843,9 +873,12 @@ def make_loaders(data: Data, core, device: torch.device, rank: int, world: int):
     per_rank = core.batch_size // world
     pipeline = Pipeline(data, device, data.image_size, core.channels_last)
     if data.folder is not None:
+        if data.train_sampler is not None:
+            raise TricksError("a plugin resamples the training data (prepare_data), which an imagefolder data set does not support; "
+                              "use an in-memory data set (npz, cifar10, mnist, ...) or leave that plugin out")
         args = dict(pipeline=pipeline, batch_size=per_rank, seed=core.seed, rank=rank, world=world,
                     workers=core.workers, size=data.image_size, device=device, augment=core.augment)
         return (FolderLoader(data.folder_train, train=True, **args), FolderLoader(data.folder_val, train=False, **args))
     train, val = _on_device(data.train, device), _on_device(data.val, device)
-    return (TensorLoader(train, pipeline, per_rank, True, core.seed, rank, world),
+    return (TensorLoader(train, pipeline, per_rank, True, core.seed, rank, world, sampler=data.train_sampler),
             TensorLoader(val, pipeline, per_rank, False, core.seed, rank, world))

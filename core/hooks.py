@@ -149,6 +149,14 @@ class Hooks:
                 batch = out
         return batch
 
+    def prepare_data(self, ctx: "RunContext", data: Any) -> Any:
+        self._record("prepare_data")
+        for impl in self._impls("prepare_data"):
+            out = impl.function(*[{"ctx": ctx, "data": data}[a] for a in impl.argnames])
+            if out is not None:
+                data = out
+        return data
+
     @functools.cached_property
     def _on_batch(self):
         return self._impls("on_batch")

@@ -36,6 +36,7 @@ RULES = {
     "build_loss": "firstresult",
     "evaluate": "firstresult",
     "on_batch": "chained",
+    "prepare_data": "chained",
     "prune": "per-plugin",
     "replay_structure": "per-plugin",
     "on_fit_start": "broadcast",
@@ -114,6 +115,29 @@ def on_batch(ctx, batch):
             ``target`` (``int64 [B]`` or floating ``[B, K]`` soft targets). Its tensors are made
             new for every step and used by nothing else, so they may be written in place.
     Returns: the transformed mapping, or ``None`` when the batch was changed in place.
+    Combines: chained: every implementation runs, in the resolved plugin order, each on the
+        previous one's output.
+    """
+
+
+@hookspec
+def prepare_data(ctx, data):
+    """Change the data set before the loaders and the model are built: relabel, drop classes,
+    resample the training split.
+
+    Fires: once per run (again on resume), after the data set is loaded and checked, before the
+        loaders, the model and everything else; ``ctx.num_classes``, ``ctx.in_chans`` and
+        ``ctx.image_size`` are those of the loaded data, ``ctx.model`` is ``None`` and
+        ``ctx.steps_per_epoch`` is 0.
+    Parameters:
+        ctx: the run context.
+        data: a :class:`tricks.data.Data`: the splits as ``uint8`` tensors on the host
+            (``data.train.x/y``, ``data.val.x/y``), ``num_classes``, the augmentation settings and
+            ``train_sampler`` (which examples an epoch visits; see :class:`tricks.data.Sampler`).
+    Returns: a new ``Data`` (``dataclasses.replace(data, ...)``; never change the given one's
+        tensors in place: a job may keep them for its next run), or ``None`` to leave it. The
+        model is then built for the returned ``num_classes``. It must depend only on the run's
+        settings, so that a resumed run prepares the same data.
     Combines: chained: every implementation runs, in the resolved plugin order, each on the
         previous one's output.
     """

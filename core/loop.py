@@ -339,14 +339,19 @@ class Trainer:
         device = pick_device(core.device, self.local_rank)
         seed_everything(core.seed, -1, 0)
         data = load_data(core)
-        train_loader, val_loader = make_loaders(data, core, device, self.rank, self.world)
         ctx = self.ctx = RunContext(
             core=core, run_config=cfg, device=device, rank=self.rank, world_size=self.world, run_dir=self.run_dir,
             num_classes=data.num_classes, in_chans=data.in_chans, image_size=data.image_size,
-            train_size=data.train_size, steps_per_epoch=len(train_loader), epochs=core.epochs,
+            train_size=data.train_size, steps_per_epoch=0, epochs=core.epochs,
             data=data, reporter=self.reporter, hooks=self.hooks,
         )
         hooks = self.hooks
+        if hooks.implementers("prepare_data"):
+            data = ctx.data = hooks.prepare_data(ctx, data)
+            ctx.num_classes, ctx.in_chans, ctx.image_size = data.num_classes, data.in_chans, data.image_size
+            ctx.train_size = data.train_size
+        train_loader, val_loader = make_loaders(data, core, device, self.rank, self.world)
+        ctx.steps_per_epoch = len(train_loader)
         self._history: list[dict] = []
         try:
             model = self._build_model()

@@ -85,6 +85,19 @@ def test_augment_false_turns_off_crop_and_flip(tmp_path):
     assert torch.equal(pipeline(x, train=True), pipeline(x, train=False))
 
 
+def test_crop_pad_sets_the_largest_shift(tmp_path):
+    write_npz_folder(tmp_path, n_train=8, n_val=4)
+    for pad in (0, 2):
+        data = load_data(settings(dataset="npz", data_dir=str(tmp_path), crop_pad=pad))
+        assert data.pad == pad and data.flip
+    assert load_data(settings(crop_pad=3)).pad == 3 and load_data(settings(crop_pad=3, augment=False)).pad == 0
+    torch.manual_seed(0)
+    x = torch.zeros(256, 1, 9, 9, dtype=torch.uint8)
+    x[:, :, 4, 4] = 255  # one bright pixel in the middle: where it lands is the shift
+    where = torch.nonzero(random_crop(x, 2)[:, 0] == 255)[:, 1:] - 4
+    assert where.abs().max() == 2 and len(where) == 256 and len(torch.unique(where, dim=0)) == 25
+
+
 # --- the shared CIFAR-10 shards ----------------------------------------------------------------
 
 

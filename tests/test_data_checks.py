@@ -437,6 +437,11 @@ def test_the_shared_mnist_matches_its_readme():
     assert data.val.y[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
     assert torch.bincount(data.train.y).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
     assert data.mean[0] / 255 == pytest.approx(0.1307, abs=1e-4) and data.std[0] / 255 == pytest.approx(0.3081, abs=1e-4)
+    import torchvision  # the arrays are exactly torchvision's reading of the same files
+
+    for train, split in ((True, data.train), (False, data.val)):
+        theirs = torchvision.datasets.MNIST(str(SHARED_MNIST), train=train, download=False)
+        assert torch.equal(split.x[:, 0], theirs.data) and torch.equal(split.y, theirs.targets)
 
 
 # --- CIFAR in torchvision's layout ---------------------------------------------------------------

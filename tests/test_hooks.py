@@ -6,6 +6,7 @@ import inspect
 import re
 
 import pytest
+import torch
 
 import tricks
 from tricks import hookspecs
@@ -52,6 +53,10 @@ class Recorder(tricks.Plugin):
     def _rec(self, name, result=None):
         self.calls.append(name)
         return result
+
+    @tricks.hookimpl
+    def prepare_data(self, ctx, data):
+        return self._rec("prepare_data")
 
     @tricks.hookimpl
     def build_model(self, ctx):
@@ -119,7 +124,7 @@ class Recorder(tricks.Plugin):
 
 
 def expected_order(epochs: int, steps: int, first_epoch: int = 0, resumed: bool = False) -> list[str]:
-    order = ["build_model", "configure_optimizer", "configure_schedule", "build_loss"]
+    order = ["prepare_data", "build_model", "configure_optimizer", "configure_schedule", "build_loss"]
     if resumed:
         order.append("load_state_dict")
     order.append("on_fit_start")
@@ -365,3 +370,37 @@ def test_every_bundled_model_provider_returns_none_for_a_name_it_does_not_build(
     for name in providers:
         cls = catalog.plugins[name].load()
         assert cls().build_model(make_ctx(model="no_such_model")) is None, name
+
+
+class EvenOnly(tricks.Plugin):
+    """prepare_data: the training split keeps its even digits, halved labels (5 classes), and a
+    sampler that visits 64 of them per epoch, drawn from (seed, epoch)."""
+
+    name = "even_only"
+
+    @tricks.hookimpl
+    def prepare_data(self, ctx, data):
+        import dataclasses
+
+        from tricks.data import Sampler, Split, epoch_generator
+
+        keep = data.train.y % 2 == 0
+        split = lambda s, k: Split(s.x[k], s.y[k] // 2)  # noqa: E731
+
+        class Some(Sampler):
+            def __len__(self):
+                return 64
+
+            def order(self, seed, epoch):
+                return torch.randperm(int(keep.sum()), generator=epoch_generator(seed, epoch))[:64]
+
+        return dataclasses.replace(data, train=split(data.train, keep), val=split(data.val, data.val.y % 2 == 0),
+                                   num_classes=5, train_sampler=Some())
+
+
+def test_prepare_data_changes_the_classes_and_what_an_epoch_draws(tmp_path):
+    tricks.run(plugins=[EvenOnly()], epochs=2, out=tmp_path / "run", **TINY_API)
+    run = tricks.RunDir(tmp_path / "run")
+    checkpoint = run.load_checkpoint()
+    assert checkpoint["shape"]["num_classes"] == 5 and checkpoint["model"]["fc.weight"].shape[0] == 5
+    assert [row["step"] for row in run.metrics()] == [2, 4]  # 64 examples an epoch, batch 32
