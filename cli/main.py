@@ -24,6 +24,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from tricks.cli import options
 from tricks.cli.compare import compare
+from tricks.cli.ensemble import ensemble
 from tricks.cli.options import SectionedCommand, core_options
 from tricks.errors import Diverged, PluginHookError, TricksError
 
@@ -229,6 +230,7 @@ def _catalog(registry):
 
 
 app.command("compare")(compare)
+app.command("ensemble")(ensemble)
 
 
 @plugins_app.command("list")
@@ -360,7 +362,7 @@ def plugins_show(
             table.add_column(col, overflow="fold")
         for key, field in cls.Settings.model_fields.items():
             kind = _type_name(field.annotation)
-            table.add_row(key, kind, repr(field.default), field.description or "")
+            table.add_row(key, Text(kind), repr(field.default), field.description or "")  # list[str] is no markup
         console.print(table)
 
 
@@ -368,8 +370,11 @@ def _type_name(annotation) -> str:
     import typing
 
     args = typing.get_args(annotation)
-    if typing.get_origin(annotation) is typing.Literal:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
         return "|".join(str(a) for a in args)
+    if origin in (list, tuple, dict, set):  # list[str], not str
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
     if args:
         return " | ".join(_type_name(a) for a in args)
     return "None" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))

@@ -3,7 +3,9 @@ against its definition, Hinton's gradient ``(q - p) / T``, the weighting around 
 loading the teacher from a run directory, a checkpoint file and timm with a weights file, the
 teacher's isolation (eval mode, no gradients, not in the optimizer, the student's exact input),
 the errors a user can meet (bad teacher files among them, refused without running anything in
-them), and short runs composed with mixup and label smoothing."""
+them), short runs composed with mixup and label smoothing, and several teachers: the mean of
+their softened distributions against a direct formula, its gradient, one teacher in a list as the
+single teacher, and a run distilling two."""
 
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from tricks.builtin import cross_entropy
 from tricks.models import create_model
 from tricks.testing import BatchWatcher, call_wrapper, make_ctx, tiny_run
 import tricks_kd
-from tricks_kd import KDSettings, KnowledgeDistillation, distillation_loss, load_teacher, soft_loss
+from tricks_kd import (KDSettings, KnowledgeDistillation, distillation_loss, ensemble_soft_loss, load_teacher,
+                       soft_loss, teacher_sources)
 
 K = 10  # digits: 10 classes, 1 channel, 8x8
 B = 8
@@ -547,3 +550,114 @@ def test_the_loss_under_low_precision_autocast(teacher_dir, precision):
     assert value.dtype == torch.float32 and math.isfinite(value.item())
     value.backward()
     assert all(p.grad is None for p in plugin.teacher.parameters())
+
+
+# --- several teachers -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def second_teacher(teacher_dir) -> Path:
+    """Another tiny teacher, seed 1, beside the first."""
+    out = teacher_dir.parent / "teacher-seed1"
+    tiny_run(out=out, seed=1, **SMALL)
+    return out
+
+
+def reference_ensemble(z, vs, T):
+    """T^2 KL(p || q) with p the plain mean of the teachers' softened probabilities."""
+    p = torch.stack([F.softmax(v / T, 1) for v in vs]).mean(0)
+    return (p * (p.log() - F.log_softmax(z / T, 1))).sum(1).mean() * T * T
+
+
+@pytest.mark.parametrize("T", [1.0, 4.0, 20.0])
+def test_several_teachers_give_the_mean_of_their_softened_probabilities(T):
+    z, vs = logits(30), [logits(31), logits(32), logits(33)]
+    torch.testing.assert_close(ensemble_soft_loss(z, vs, T), reference_ensemble(z, vs, T))
+    torch.testing.assert_close(ensemble_soft_loss(z, vs, T, temperature_squared=False), reference_ensemble(z, vs, T) / T / T)
+    # averaging the logits instead is one teacher with the mean logits
+    mean = torch.stack(vs).mean(0)
+    torch.testing.assert_close(ensemble_soft_loss(z, vs, T, average="logits"), soft_loss(z, mean, T))
+    assert not torch.allclose(ensemble_soft_loss(z, vs, T), ensemble_soft_loss(z, vs, T, average="logits"))
+    with pytest.raises(ValueError, match="probs"):
+        ensemble_soft_loss(z, vs, T, average="median")
+
+
+def test_the_mean_of_probabilities_is_finite_where_one_teacher_underflows():
+    # A class both teachers rule out: its mean probability underflows to 0 in float32 and its direct
+    # log is -inf; the logsumexp form stays finite and agrees with float64.
+    z = torch.zeros(1, 3)
+    vs = [torch.tensor([[0.0, -300.0, 5.0]]), torch.tensor([[0.0, -250.0, -5.0]])]
+    assert torch.isinf(torch.stack([F.softmax(v, 1) for v in vs]).mean(0).log()).any()
+    got = ensemble_soft_loss(z, vs, 1.0)
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got.double(), ensemble_soft_loss(z.double(), [v.double() for v in vs], 1.0))
+
+
+@pytest.mark.parametrize("average", ["probs", "logits"])
+def test_one_teacher_in_a_list_is_exactly_the_single_teacher_loss(average):
+    for T, squared in ((1.0, True), (4.0, False)):
+        z, v = logits(34, dtype=torch.float32), logits(35, dtype=torch.float32)
+        assert torch.equal(ensemble_soft_loss(z, [v], T, squared, average), soft_loss(z, v, T, squared))
+
+
+@pytest.mark.parametrize("squared", [True, False])
+@pytest.mark.parametrize("T", [1.0, 3.0, 20.0])
+def test_gradient_of_several_teachers_is_q_minus_the_mean_p_over_T(T, squared):
+    z = logits(36).requires_grad_(True)
+    vs = [logits(37), logits(38)]
+    (grad,) = torch.autograd.grad(ensemble_soft_loss(z, vs, T, squared), z)
+    q = F.softmax(z.detach() / T, 1)
+    p = (F.softmax(vs[0] / T, 1) + F.softmax(vs[1] / T, 1)) / 2
+    torch.testing.assert_close(grad, (q - p) / T * (T * T if squared else 1.0) / B)
+
+
+def test_teacher_settings_take_a_list_or_a_comma_separated_string():
+    assert teacher_sources("runs/a") == ["runs/a"] and teacher_sources(" runs/a , runs/b,") == ["runs/a", "runs/b"]
+    assert teacher_sources(["runs/a", " runs/b "]) == ["runs/a", "runs/b"] and teacher_sources("") == []
+    cfg = tricks.resolve(plugins=["kd"], sets=["kd.teacher=[runs/a, runs/b]", "kd.teacher_average=logits"])
+    assert cfg.settings["kd"].teacher == ["runs/a", "runs/b"] and cfg.settings["kd"].teacher_average == "logits"
+    assert "  - runs/a\n  - runs/b\n" in cfg.to_yaml()
+    cfg = tricks.resolve(plugins=["kd"], sets=["kd.teacher=runs/a,runs/b"])
+    assert cfg.settings["kd"].teacher == "runs/a,runs/b"  # a string stays a string in config.yaml
+    assert "teacher: runs/a,runs/b\n" in cfg.to_yaml()
+    assert tricks.resolve(recipe=cfg.to_dict()).settings["kd"].teacher == "runs/a,runs/b"
+    for sets in (["kd.teacher=[runs/a, timm:resnet18]"], ["kd.teacher=timm:resnet18,runs/a"]):
+        with pytest.raises(tricks.TricksError, match=r"kd\.teacher.*timm:NAME teacher must be the only teacher") as caught:
+            tricks.resolve(plugins=["kd"], sets=sets)
+        assert "\n" not in str(caught.value)
+    with pytest.raises(tricks.TricksError, match=r"kd\.teacher_weights.*timm:NAME"):
+        tricks.resolve(plugins=["kd"], sets=["kd.teacher=[runs/a, runs/b]", "kd.teacher_weights=w.pt"])
+    with pytest.raises(tricks.TricksError, match=r"kd\.teacher_average"):
+        tricks.resolve(plugins=["kd"], sets=["kd.teacher_average=median"])
+
+
+def test_the_loss_of_two_teachers_uses_both_and_one_in_a_list_is_the_single_teacher(teacher_dir, second_teacher):
+    x, y, z = images(40), torch.randint(0, K, (B,)), logits(41, dtype=torch.float32)
+    batch = {"input": x, "target": y}
+    with torch.no_grad():
+        vs = [teacher_reference(teacher_dir)(x), teacher_reference(second_teacher)(x)]
+    ctx = make_ctx()
+    for teacher in ([str(teacher_dir), str(second_teacher)], f"{teacher_dir},{second_teacher}"):
+        loss, plugin = build(ctx, RecordingLoss(), teacher=teacher, hard_weight=0.3)
+        assert len(plugin.teachers) == 2 and plugin.teacher is plugin.teachers[0]
+        assert all(not t.training and not any(p.requires_grad for p in t.parameters()) for t in plugin.teachers)
+        torch.testing.assert_close(loss(z, batch), 0.3 * F.cross_entropy(z, y) + 0.7 * reference_ensemble(z, vs, 4.0))
+    assert any("teachers" in m and "averaging their probs" in m for m in ctx.logs)
+    single, _ = build(make_ctx(), RecordingLoss(), teacher=str(teacher_dir))
+    listed, _ = build(make_ctx(), RecordingLoss(), teacher=[str(teacher_dir)])
+    assert torch.equal(single(z, batch), listed(z, batch))
+
+
+def test_every_teacher_is_checked(teacher_dir, tmp_path):
+    with pytest.raises(tricks.TricksError, match="neither a run directory"):
+        build(make_ctx(), RecordingLoss(), teacher=[str(teacher_dir), str(tmp_path / "nowhere")])
+    with pytest.raises(tricks.TricksError, match=r"has 10 classes but the student's data has 5"):
+        build(make_ctx(num_classes=5), RecordingLoss(), teacher=[str(teacher_dir), str(teacher_dir)])
+    with pytest.raises(tricks.TricksError, match=r"--set kd\.teacher=RUN_DIR"):
+        build(make_ctx(), RecordingLoss(), teacher=[])
+
+
+def test_a_run_distilling_two_teachers(teacher_dir, second_teacher, tmp_path):
+    run = tiny_run(plugins=["kd"], set=[f"kd.teacher=[{teacher_dir}, {second_teacher}]"], out=tmp_path / "run", **SMALL)
+    assert run.config()["kd"]["teacher"] == [str(teacher_dir), str(second_teacher)]
+    assert all(math.isfinite(row["train_loss"]) for row in run.metrics())

@@ -11,14 +11,22 @@ constant for the student, so the gradients are the same: ``(1 - w) * T * (q - p)
 with the factor ``T^2`` (``(q - p) / T`` without it), ``q`` and ``p`` the student's and the
 teacher's softened distributions.
 
+Several teachers (an ensemble, distilled into one model as in Hinton et al., section 3) give one
+soft target, the mean of their softened distributions ``p = (1/K) sum_k softmax(v_k / T)``
+(``teacher_average="probs"``), or the softened mean of their logits ``softmax(mean_k v_k / T)``
+(``"logits"``); the gradient is then ``(q - p) / T`` with that ``p``.
+
 The functions below are the math, usable without the framework; :class:`KnowledgeDistillation`
-loads the teacher and wraps the loss in force.
+loads the teachers and wraps the loss in force.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +58,35 @@ def soft_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
     return kl * (temperature * temperature) if temperature_squared else kl
 
 
+def ensemble_soft_loss(student_logits: torch.Tensor, teacher_logits_list: Sequence[torch.Tensor], temperature: float,
+                       temperature_squared: bool = True, average: str = "probs") -> torch.Tensor:
+    """``[T^2 *] KL(p || softmax(student / T))`` for the soft target of several teachers,
+    averaged over the batch: ``p = (1/K) sum_k softmax(v_k / T)`` (``average="probs"``) or
+    ``p = softmax((1/K) sum_k v_k / T)`` (``"logits"``).
+
+    ``log p`` of the mean of probabilities is ``logsumexp_k log_softmax(v_k / T) - log K``, which
+    never takes the log of an underflowed probability. Computed in float32 (float64 when given);
+    the teachers' logits are detached. One teacher is exactly :func:`soft_loss`. The gradient with
+    respect to the student's logits is ``(q - p) / T`` per example (divided by the batch size),
+    times ``T^2`` when ``temperature_squared``.
+    """
+    if average not in ("probs", "logits"):
+        raise ValueError(f"average must be 'probs' or 'logits', not {average!r}")
+    teachers = list(teacher_logits_list)
+    if not teachers:
+        raise ValueError("no teacher logits")
+    if len(teachers) == 1:
+        return soft_loss(student_logits, teachers[0], temperature, temperature_squared)
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    stacked = torch.stack([v.detach().to(dtype) for v in teachers])  # [K, B, C]
+    if average == "logits":
+        return soft_loss(student_logits, stacked.mean(0), temperature, temperature_squared)
+    log_q = F.log_softmax(student_logits.to(dtype) / temperature, dim=1)
+    log_p = torch.logsumexp(F.log_softmax(stacked / temperature, dim=2), dim=0) - math.log(len(teachers))
+    kl = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+    return kl * (temperature * temperature) if temperature_squared else kl
+
+
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, hard_loss: torch.Tensor,
                       temperature: float, hard_weight: float, temperature_squared: bool = True) -> torch.Tensor:
     """``hard_weight * hard_loss + (1 - hard_weight) * soft_loss(...)``."""
@@ -58,6 +95,15 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 
 # --- the teacher ---------------------------------------------------------------------------
+
+
+def teacher_sources(teacher: str | Sequence[str] | None) -> list[str]:
+    """The teachers named by ``kd.teacher``: a list, or a string of one or several comma-separated
+    run directories, checkpoints or ``timm:NAME``; blanks left out."""
+    if teacher is None:
+        return []
+    items = teacher.split(",") if isinstance(teacher, str) else list(teacher)
+    return [str(item).strip() for item in items if str(item).strip()]
 
 
 def _head_classes(model: torch.nn.Module, state: dict, num_classes: int) -> int | None:
@@ -217,30 +263,43 @@ def _probe(model: torch.nn.Module, ctx, source: str) -> None:
 
 
 class KDSettings(tricks.Settings):
-    teacher: str = tricks.Field("", description="the teacher: a tricks run directory, a checkpoint file (checkpoints/last.pt), or timm:NAME")
+    teacher: str | list[str] = tricks.Field("", description="the teacher: a tricks run directory, a checkpoint file (checkpoints/last.pt), or timm:NAME; "
+                                                  "several teachers as a list or a comma-separated string (their soft targets are averaged)")
     teacher_weights: str = tricks.Field("", description="weights of a timm:NAME teacher: a state dict file (or a checkpoint dict with state_dict or model)")
     allow_random_teacher: bool = tricks.Field(False, description="allow a timm:NAME teacher without weights (for tests only: a random teacher teaches nothing)")
     temperature: float = tricks.Field(4.0, gt=0, description="softmax temperature T of teacher and student in the soft term (gluon-cv and Hinton's MNIST: 20)")
     hard_weight: float = tricks.Field(0.5, ge=0, le=1, description="weight w of the loss in force; the soft term gets 1 - w")
     temperature_squared: bool = tricks.Field(True, description="multiply the soft term by T^2 so its gradients keep their size as T changes (Hinton)")
+    teacher_average: Literal["probs", "logits"] = tricks.Field("probs", description="several teachers: average their softened probabilities (Hinton), or their logits before the softmax")
+
+    @field_validator("teacher")
+    @classmethod
+    def _timm_teacher_alone(cls, value):
+        sources = teacher_sources(value)
+        if len(sources) > 1 and any(source.startswith("timm:") for source in sources):
+            raise ValueError("a timm:NAME teacher must be the only teacher (kd.teacher_weights holds one model's weights); "
+                             "distil several teachers from run directories or checkpoints")
+        return value
 
     @field_validator("teacher_weights")
     @classmethod
     def _weights_need_timm(cls, value, info):
-        teacher = (info.data.get("teacher") or "").strip()
-        if value and not teacher.startswith("timm:"):
+        sources = teacher_sources(info.data.get("teacher"))
+        if value and not (len(sources) == 1 and sources[0].startswith("timm:")):
             raise ValueError("only for a timm:NAME teacher; a run directory or checkpoint carries its own weights")
         return value
 
 
 class KnowledgeDistillation(tricks.Plugin):
-    """Distil a frozen teacher into the student: the loss in force plus the softened KL to the teacher."""
+    """Distil a frozen teacher (or several, averaged) into the student: the loss in force plus the
+    softened KL to the teacher."""
 
     Settings = KDSettings
 
     def __init__(self, settings: KDSettings | None = None):
         super().__init__(settings)
-        self.teacher: torch.nn.Module | None = None
+        self.teachers: list[torch.nn.Module] = []
+        self.teacher: torch.nn.Module | None = None  # the first (or only) teacher
 
     @classmethod
     def example_settings(cls, workdir) -> dict:
@@ -254,25 +313,34 @@ class KnowledgeDistillation(tricks.Plugin):
     def build_loss(self, ctx):
         inner = yield
         s = self.settings
-        source = s.teacher.strip()
-        teacher = load_teacher(source, ctx, s.teacher_weights, s.allow_random_teacher)
-        teacher = prepare_teacher(teacher, ctx.device, bool(ctx.core.channels_last))
-        _probe(teacher, ctx, source)
-        self.teacher = teacher
-        _log(ctx, f"kd: teacher {source} ({sum(p.numel() for p in teacher.parameters()):,} parameters), "
+        sources = teacher_sources(s.teacher) or [""]  # none: load_teacher says how to give one
+        teachers = []
+        for source in sources:
+            teacher = load_teacher(source, ctx, s.teacher_weights, s.allow_random_teacher)
+            teacher = prepare_teacher(teacher, ctx.device, bool(ctx.core.channels_last))
+            _probe(teacher, ctx, source)
+            teachers.append(teacher)
+        self.teachers, self.teacher = teachers, teachers[0]
+        sizes = ", ".join(f"{source} ({sum(p.numel() for p in t.parameters()):,} parameters)"
+                          for source, t in zip(sources, teachers))
+        several = f", averaging their {s.teacher_average}" if len(teachers) > 1 else ""
+        _log(ctx, f"kd: teacher{'s' if len(teachers) > 1 else ''} {sizes}{several}, "
                   f"T={s.temperature:g}, hard_weight={s.hard_weight:g}")
         temperature, hard_weight, squared = s.temperature, s.hard_weight, s.temperature_squared
+        average = s.teacher_average
         autocast = getattr(ctx, "autocast", contextlib.nullcontext)
 
         if hard_weight == 1.0:
             return inner  # the soft term has no weight: the loss in force, and no teacher pass
 
         def distilled(output, batch):
-            if teacher.training:  # something called .train() on every module
-                teacher.eval()
-            with torch.no_grad(), autocast():
-                teacher_logits = teacher(batch["input"])
-            soft = soft_loss(output, teacher_logits, temperature, squared)
+            logits = []
+            for teacher in teachers:
+                if teacher.training:  # something called .train() on every module
+                    teacher.eval()
+                with torch.no_grad(), autocast():
+                    logits.append(teacher(batch["input"]))
+            soft = ensemble_soft_loss(output, logits, temperature, squared, average)
             if hard_weight == 0.0:
                 return soft
             return hard_weight * inner(output, batch) + (1.0 - hard_weight) * soft
