@@ -661,3 +661,21 @@ def test_a_run_distilling_two_teachers(teacher_dir, second_teacher, tmp_path):
     run = tiny_run(plugins=["kd"], set=[f"kd.teacher=[{teacher_dir}, {second_teacher}]"], out=tmp_path / "run", **SMALL)
     assert run.config()["kd"]["teacher"] == [str(teacher_dir), str(second_teacher)]
     assert all(math.isfinite(row["train_loss"]) for row in run.metrics())
+
+
+def test_a_transfer_set_without_a_class_keeps_it_for_validation(tmp_path, teacher_dir):
+    """kd.omit_classes: Hinton's student that never sees a 3; validation still holds every class."""
+    watcher = BatchWatcher()
+    run = tiny_run(plugins=["kd", watcher], set=[f"kd.teacher={teacher_dir}", "kd.omit_classes=[3]"],
+                   out=tmp_path / "no3", **SMALL)
+    seen = torch.cat(watcher.targets)
+    from tricks.data import load_digits_data
+
+    everything = torch.from_numpy(load_digits_data()[1][:128])
+    assert 3 in everything.tolist() and 3 not in seen.tolist()
+    assert sorted(set(seen.tolist())) == sorted(set(everything.tolist()) - {3})
+    assert len(seen) == 32 * ((everything != 3).sum().item() // 32)  # the epoch is the smaller split
+    assert run.load_checkpoint()["shape"]["num_classes"] == K  # the head keeps the class
+    for bad, match in (("[12]", "class 12"), ("[0,1,2,3,4,5,6,7,8,9]", "no training example")):
+        with pytest.raises(tricks.TricksError, match=match):
+            tiny_run(plugins=["kd"], set=[f"kd.teacher={teacher_dir}", f"kd.omit_classes={bad}"], out=tmp_path / bad, **SMALL)

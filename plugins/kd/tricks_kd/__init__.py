@@ -271,6 +271,8 @@ class KDSettings(tricks.Settings):
     hard_weight: float = tricks.Field(0.5, ge=0, le=1, description="weight w of the loss in force; the soft term gets 1 - w")
     temperature_squared: bool = tricks.Field(True, description="multiply the soft term by T^2 so its gradients keep their size as T changes (Hinton)")
     teacher_average: Literal["probs", "logits"] = tricks.Field("probs", description="several teachers: average their softened probabilities (Hinton), or their logits before the softmax")
+    omit_classes: list[int] = tricks.Field(default_factory=list, description="classes left out of the transfer set (the training split; "
+                                           "the validation split keeps them): Hinton's MNIST student that never sees a 3")
 
     @field_validator("teacher")
     @classmethod
@@ -308,6 +310,32 @@ class KnowledgeDistillation(tricks.Plugin):
         tricks.run(epochs=1, model="resnet8", batch_size=32, train_limit=256, val_limit=128, out=out,
                    reporter=tricks.Reporter())
         return {"teacher": str(out)}
+
+    @tricks.hookimpl
+    def prepare_data(self, ctx, data):
+        omit = sorted(set(self.settings.omit_classes))
+        if not omit:
+            return None
+        bad = [c for c in omit if c < 0 or c >= data.num_classes]
+        if bad:
+            raise tricks.TricksError(f"kd.omit_classes holds class {bad[0]}, but the data set has classes 0-{data.num_classes - 1}; "
+                                     "name classes of the data set")
+        if data.train is None:
+            raise tricks.TricksError("kd.omit_classes filters an in-memory data set, and imagefolder data is read from files; "
+                                     "leave the classes' folders out of the training tree instead")
+        if data.train_sampler is not None:
+            raise tricks.TricksError("kd.omit_classes cannot filter a training split that another plugin resamples; "
+                                     "leave one of them out")
+        keep = ~torch.isin(data.train.y, torch.tensor(omit))
+        if not keep.any():
+            raise tricks.TricksError(f"kd.omit_classes={omit} leaves no training example; omit fewer classes")
+        import dataclasses
+
+        from tricks.data import Split
+
+        _log(ctx, f"kd: the transfer set leaves out classes {omit} ({int((~keep).sum())} of {len(keep)} training examples); "
+                  "the validation split keeps them")
+        return dataclasses.replace(data, train=Split(data.train.x[keep], data.train.y[keep]))
 
     @tricks.hookimpl(wrapper=True)
     def build_loss(self, ctx):
