@@ -19,7 +19,6 @@ it stopped and never trains a finished model again:
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
