@@ -679,3 +679,24 @@ def test_a_transfer_set_without_a_class_keeps_it_for_validation(tmp_path, teache
     for bad, match in (("[12]", "class 12"), ("[0,1,2,3,4,5,6,7,8,9]", "no training example")):
         with pytest.raises(tricks.TricksError, match=match):
             tiny_run(plugins=["kd"], set=[f"kd.teacher={teacher_dir}", f"kd.omit_classes={bad}"], out=tmp_path / bad, **SMALL)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_a_pruned_student_distilled_from_its_unpruned_run_and_two_teachers(tmp_path, teacher_dir, precision):
+    """kd with pruning: the student (the teacher's own model) is pruned at the end of its first epoch
+    while it distils from the unpruned run and a second teacher; low precision; mixup on top."""
+    other = tmp_path / "other"
+    tiny_run(out=other, seed=1, **SMALL)
+    run = tiny_run(plugins=["kd", "prune", "mixup"], set=[f"kd.teacher=[{teacher_dir}, {other}]", "prune.ratio=0.5", "prune.at=1"],
+                   out=tmp_path / "pruned", epochs=2, precision=precision, **SMALL)
+    rows = run.metrics()
+    assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["val_loss"]) for r in rows)
+    student = run.load_checkpoint()
+    teacher = tricks.RunDir(teacher_dir).load_checkpoint()
+    assert student["structure"] and not teacher["structure"]
+    params = lambda state: sum(v.numel() for k, v in state.items() if k.endswith("weight"))  # noqa: E731
+    assert params(student["model"]) < 0.8 * params(teacher["model"])
+    from tricks.ensemble import evaluate_ensemble
+
+    result = evaluate_ensemble([run.path, teacher_dir])  # the pruned run rebuilt by replaying its structure
+    assert result["members"][0]["acc"] == pytest.approx(rows[-1]["val_acc"], abs=1 / 64 + 1e-9)  # fp32 against autocast
