@@ -183,3 +183,12 @@ def test_an_interrupted_job_resumes_without_training_a_finished_model_again(tmp_
     for name in ("generalist", "generalist+specialists"):
         assert got[name]["acc"] == pytest.approx(want[name]["acc"]) and got[name]["nll"] == pytest.approx(want[name]["nll"], rel=1e-5)
     assert got["subsets"] == want["subsets"]
+
+
+@pytest.mark.parametrize("args, match", [(["--specialists", "0"], "at least one"), (["--specialists", "11"], "only 10 classes"),
+                                         (["--specialists", "1"], "dustbin"), (["--size", "10"], "1 to 9"),
+                                         (["--top-n", "0"], "--top-n"), (["--plugins", "kd"], "leave it out")])
+def test_the_job_refuses_bad_options_before_training(tmp_path, args, match):
+    code, _, err = cli_in_process("specialists", "--out", str(tmp_path / "job"), *args)
+    assert code == 2 and match in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "job").exists()

@@ -158,6 +158,17 @@ def specialists_job(out: str | Path, *, plugins: list[str] | None = None, recipe
     cfg = tricks.resolve(plugins=plugins, recipe=recipe, overrides={k: v for k, v in (overrides or {}).items() if v is not None},
                          sets=sets or [], registries=registries)
     base = cfg.to_dict()
+    data = load_data(cfg.core)  # the class count, to check the options before anything trains
+    classes = data.num_classes
+    if n_specialists > classes:
+        raise tricks.TricksError(f"--specialists {n_specialists}: the data set has only {classes} classes to cluster; "
+                                 f"train at most {classes} specialists")
+    if size is not None and not 1 <= size < classes:
+        raise tricks.TricksError(f"--size {size}: a specialist takes 1 to {classes - 1} of the {classes} classes "
+                                 "(the others are its dustbin)")
+    if size is None and n_specialists < 2:
+        raise tricks.TricksError("--specialists 1 without --size would put every class in one subset, leaving nothing for "
+                                 "its dustbin; train at least 2 specialists, or give --size")
     meta = {"n_specialists": n_specialists, "size": size, "overlap": overlap, "top_n": top_n,
             "specialist_epochs": specialist_epochs, "specialist_lr": specialist_lr, "soft_targets": soft_targets,
             "control": control}
@@ -182,7 +193,7 @@ def specialists_job(out: str | Path, *, plugins: list[str] | None = None, recipe
                           meta={"role": "specialist", "subset": subset}))
     controls = []
     if control:
-        targets = load_data(cfg.core).train.y
+        targets = data.train.y
         for i, subset in enumerate(subsets):
             epochs = _control_epochs(targets, subset, spec_over["epochs"])
             ctl = tricks.resolve(plugins=cfg.plugins, recipe=base, overrides={**spec_over, "epochs": epochs,
