@@ -200,20 +200,23 @@ def _mnist_folder(root: str) -> Path | None:
     return None
 
 
-def _idx(folder: Path, name: str, dims: int) -> np.ndarray:
-    """One IDX file of unsigned bytes (``name`` or ``name.gz``), its size checked against its header."""
+def _idx(folder: Path, name: str, dims: int, header_only: bool = False) -> np.ndarray | tuple[int, ...]:
+    """One IDX file of unsigned bytes (``name`` or ``name.gz``), its size checked against its
+    header; with ``header_only`` (a plain file), only its header and size are read and the shape
+    is returned."""
     path = folder / name
     if not path.is_file() and (folder / f"{name}.gz").is_file():
         path = folder / f"{name}.gz"
     if not path.is_file():
         raise TricksError(f"{folder / name} is missing (mnist needs {', '.join(n for p in MNIST_FILES.values() for n in p)} "
                           f"in {folder}); restore it, or point --data-dir at a complete copy")
+    head = 4 + 4 * dims
     try:
         with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-            raw = bytearray(f.read())  # writable, for torch.from_numpy
+            raw = bytearray(f.read(head) if header_only else f.read())  # writable, for torch.from_numpy
+        size = path.stat().st_size if header_only else len(raw)
     except (OSError, EOFError, zlib.error) as error:
         raise TricksError(f"{path} cannot be read ({_first_line(error)}); restore the original file")
-    head = 4 + 4 * dims
     magic = 0x800 + dims  # unsigned bytes, `dims` dimensions
     if raw[:2] == b"\x1f\x8b":
         raise TricksError(f"{path} is gzip-compressed; decompress it (gunzip) or name it {path.name}.gz")
@@ -223,16 +226,19 @@ def _idx(folder: Path, name: str, dims: int) -> np.ndarray:
                           "restore the original file")
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
     expected = head + math.prod(shape)
-    if len(raw) != expected:
-        what = "truncated" if len(raw) < expected else "longer than that"
-        raise TricksError(f"{path} holds {len(raw)} bytes, but its header promises {'x'.join(map(str, shape))} values "
+    if size != expected:
+        what = "truncated" if size < expected else "longer than that"
+        raise TricksError(f"{path} holds {size} bytes, but its header promises {'x'.join(map(str, shape))} values "
                           f"({expected} bytes): the file is {what}; restore the original file")
+    if header_only:
+        return shape
     return np.frombuffer(raw, dtype=np.uint8, offset=head).reshape(shape)
 
 
 def _mnist(root: str, download: bool):
-    """MNIST as torchvision lays it out (the four decompressed IDX files, or their ``.gz``), read
-    here: every file's magic number, size and labels are checked, each error naming the file."""
+    """MNIST as torchvision lays it out (the four decompressed IDX files, or their ``.gz``): every
+    file's magic number, size and labels are checked, each error naming the file; torchvision's
+    own layout is then read by ``torchvision.datasets.MNIST`` (never downloading), the others here."""
     folder = _mnist_folder(root)
     if folder is None:
         if not download:
@@ -247,9 +253,25 @@ def _mnist(root: str, download: bool):
             raise TricksError(f"could not download mnist into {root} ({_first_line(error)}); check the network, "
                               f"or fetch the four IDX files by hand into {root}/MNIST/raw")
         folder = Path(root) / "MNIST" / "raw"
+    # torchvision's own layout (root/MNIST/raw, the four files decompressed): every file's header and
+    # size checked here, then read by torchvision.datasets.MNIST; any other layout (the .gz files,
+    # the folder itself) is read here
+    names = [n for pair in MNIST_FILES.values() for n in pair]
+    by_torchvision = folder == Path(root) / "MNIST" / "raw" and all((folder / n).is_file() for n in names)
     splits = []
-    for images_name, labels_name in MNIST_FILES.values():
-        x, y = _idx(folder, images_name, 3), _idx(folder, labels_name, 1)
+    for (images_name, labels_name), train in zip(MNIST_FILES.values(), (True, False)):
+        if by_torchvision:
+            _idx(folder, images_name, 3, header_only=True)
+            _idx(folder, labels_name, 1, header_only=True)
+            import torchvision
+
+            try:
+                split = torchvision.datasets.MNIST(root, train=train, download=False)
+            except (RuntimeError, OSError, ValueError) as error:
+                raise TricksError(f"torchvision cannot read mnist in {folder} ({_first_line(error)}); restore the original files")
+            x, y = split.data.numpy(), split.targets.numpy()
+        else:
+            x, y = _idx(folder, images_name, 3), _idx(folder, labels_name, 1)
         if len(x) != len(y):
             raise TricksError(f"{folder / images_name} holds {len(x)} images but {folder / labels_name} {len(y)} labels; "
                               "restore the original files")

@@ -408,6 +408,22 @@ def test_a_small_mnist_tree_loads(tmp_path):
     assert torch.equal(load_data(settings(dataset="mnist", data_dir=str(tmp_path))).val.x, data.val.x)
 
 
+def test_torchvisions_layout_is_read_by_torchvision_without_download(tmp_path, monkeypatch):
+    import torchvision
+
+    write_mnist(tmp_path)
+    calls, real = [], torchvision.datasets.MNIST
+
+    def spy(root, train, download):
+        calls.append((root, train, download))
+        return real(root, train=train, download=download)
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", spy)
+    data = load_data(settings(dataset="mnist", data_dir=str(tmp_path)))
+    assert calls == [(str(tmp_path), True, False), (str(tmp_path), False, False)]
+    assert data.train.y.tolist() == [i % 10 for i in range(20)]
+
+
 @pytest.mark.parametrize("damage,file,fragment", [
     (lambda p: p.unlink(), "t10k-labels-idx1-ubyte", "is missing"),
     (lambda p: p.write_bytes(p.read_bytes()[:-100]), "train-images-idx3-ubyte", "the file is truncated"),
