@@ -362,7 +362,7 @@ def plugins_show(
             table.add_column(col, overflow="fold")
         for key, field in cls.Settings.model_fields.items():
             kind = _type_name(field.annotation)
-            table.add_row(key, Text(kind), repr(field.default), field.description or "")  # list[str] is no markup
+            table.add_row(key, Text(kind), repr(field.get_default(call_default_factory=True)), field.description or "")  # list[str] is no markup
         console.print(table)
 
 

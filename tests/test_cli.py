@@ -79,6 +79,8 @@ def test_plugins_list_and_show():
         assert needle in show.stdout, needle
     missing = run_cli("plugins", "show", "mixpu")
     assert missing.returncode == 2 and "did you mean mixup" in missing.stderr
+    listed = run_cli("plugins", "show", "kd")  # a default made by a factory is shown as the value it makes
+    assert "omit_classes" in listed.stdout and "PydanticUndefined" not in listed.stdout
 
 
 @pytest.mark.slow
