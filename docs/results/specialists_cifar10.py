@@ -62,7 +62,7 @@ def main() -> None:
                   f"generalist {100 * s['generalist_acc']:.2f}%, specialist (subset + dustbin) {100 * s['specialist_acc']:.2f}%")
     keys = list(rows[0])
     write_with(HERE / "specialists_cifar10.csv", lambda name: _csv(name, rows, keys))
-    print(f"\n| model | val acc % | errors | NLL | acc % where a specialist is active | training s | jobs |")
+    print("\n| model | val acc % | errors | NLL | acc % where a specialist is active | training s | jobs |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for model in MODELS:
         of = [r for r in reports if model in r]
