@@ -21,7 +21,6 @@ prints the tables of the page.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import subprocess
@@ -34,7 +33,8 @@ import torch
 import tricks
 from tricks.config import CoreSettings
 from tricks.data import load_data
-from tricks.atomic import write_with
+from tricks.ablate import csv_text
+from tricks.atomic import write_text
 
 HERE = Path(__file__).resolve().parent
 MNIST = str(HERE.parents[2] / "shared" / "data" / "mnist")
@@ -119,7 +119,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[-1]).index(k) if k in rows[-1] else -1)
-    write_with(HERE / a.csv, lambda name: _csv(name, rows, keys))
+    write_text(HERE / a.csv, csv_text(rows, keys))
 
     print("\n| model | paper's test errors | ours: test errors (mean ± sd over seeds) | seeds |")
     print("| --- | --- | --- | --- |")
@@ -134,12 +134,6 @@ def main() -> None:
         print(f"  +{shift:g}: {_mean_sd([r[f'errors_shift_{shift:g}'] for r in no3])} "
               f"({_mean_sd([r[f'errors_on_3_shift_{shift:g}'] for r in no3])} on threes)")
 
-
-def _csv(name: str, rows: list[dict], keys: list[str]) -> None:
-    with open(name, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def _mean_sd(values: list) -> str:

@@ -12,12 +12,12 @@ script (one row per job and model).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 from pathlib import Path
 
-from tricks.atomic import write_with
+from tricks.ablate import csv_text
+from tricks.atomic import write_text
 
 HERE = Path(__file__).resolve().parent
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -61,7 +61,7 @@ def main() -> None:
             print(f"  specialist {'{' + ', '.join(CLASSES[c] for c in s['subset']) + '}'}: on its {s['images']} images "
                   f"generalist {100 * s['generalist_acc']:.2f}%, specialist (subset + dustbin) {100 * s['specialist_acc']:.2f}%")
     keys = list(rows[0])
-    write_with(HERE / "specialists_cifar10.csv", lambda name: _csv(name, rows, keys))
+    write_text(HERE / "specialists_cifar10.csv", csv_text(rows, keys))
     print("\n| model | val acc % | errors | NLL | acc % where a specialist is active | training s | jobs |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for model in MODELS:
@@ -73,12 +73,6 @@ def main() -> None:
               f"{mean_sd([r[model]['nll'] for r in of], 1, '{:.3f}')} | {mean_sd([r[model]['acc_where_active'] for r in of])} | "
               f"{mean_sd(secs, 1, '{:.0f}')} | {len(of)} |")
 
-
-def _csv(name: str, rows: list[dict], keys: list[str]) -> None:
-    with open(name, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 if __name__ == "__main__":
