@@ -54,15 +54,12 @@ def _model(job: Job, ident: str, device) -> torch.nn.Module:
     return job.run(item).build_model(device)
 
 
-def find_subsets(job: Job, cfg, n_subsets: int, size: int | None, overlap: bool, device) -> dict:
+def find_subsets(job: Job, cfg, data, n_subsets: int, size: int | None, overlap: bool, device) -> dict:
     """Stage 2: the subsets from the trained generalist (read from ``subsets.json`` when a
     previous command wrote it)."""
-    from tricks.data import load_data
-
     path = job.out / SUBSETS
     if path.is_file():
         return _read(path)
-    data = load_data(cfg.core)
     probs = F.softmax(_predict(_model(job, "generalist", device), data, data.train, device), dim=1).cpu()
     subsets = confusable_subsets(probs, n_subsets, size=size, overlap=overlap, seed=cfg.core.seed, require_cover=False)
     record = {"subsets": subsets, "num_classes": data.num_classes, "uncovered": coverage(subsets, data.num_classes),
@@ -80,13 +77,10 @@ def _read(path: Path) -> dict:
         raise tricks.TricksError(f"{path} is not JSON; remove it and run the command again to find the subsets again") from None
 
 
-def evaluate(job: Job, cfg, subsets: list[list[int]], top_n: int, controls: list[str], device) -> dict:
+def evaluate(job: Job, data, subsets: list[list[int]], top_n: int, controls: list[str], device) -> dict:
     """Stage 4: accuracy of the generalist, of generalist + specialists and of the control
     ensemble on the validation images; also on the images whose class some subset holds, and
     each specialist against the generalist on its own classes."""
-    from tricks.data import load_data
-
-    data = load_data(cfg.core)
     y = data.val.y.to(device)
     g_logits = _predict(_model(job, "generalist", device), data, data.val, device)
     p_g = F.softmax(g_logits.double(), dim=1)
@@ -158,7 +152,7 @@ def specialists_job(out: str | Path, *, plugins: list[str] | None = None, recipe
     cfg = tricks.resolve(plugins=plugins, recipe=recipe, overrides={k: v for k, v in (overrides or {}).items() if v is not None},
                          sets=sets or [], registries=registries)
     base = cfg.to_dict()
-    data = load_data(cfg.core)  # the class count, to check the options before anything trains
+    data = load_data(cfg.core)  # once: the class count checks the options before anything trains
     classes = data.num_classes
     if n_specialists > classes:
         raise tricks.TricksError(f"--specialists {n_specialists}: the data set has only {classes} classes to cluster; "
@@ -181,7 +175,7 @@ def specialists_job(out: str | Path, *, plugins: list[str] | None = None, recipe
         raise tricks.TricksError(f"the generalist {results['generalist']['status']}: {results['generalist'].get('message', '')}; "
                                  f"see {out / generalist.run_dir}, fix the cause and run the command again with --retry-failed")
     job = Job(out, "specialists", [generalist], meta=meta)
-    found = find_subsets(job, cfg, n_subsets=n_specialists, size=size, overlap=overlap, device=device)
+    found = find_subsets(job, cfg, data, n_subsets=n_specialists, size=size, overlap=overlap, device=device)
     subsets = found["subsets"]
     items = [generalist]
     spec_sets = [f"specialists.soft_targets={str(soft_targets).lower()}"]
@@ -207,7 +201,7 @@ def specialists_job(out: str | Path, *, plugins: list[str] | None = None, recipe
     if failed:
         raise tricks.TricksError(f"job item '{failed[0]['id']}' {failed[0]['status']}: {failed[0].get('message', '')}; "
                                  "fix the cause and run the same command again with --retry-failed")
-    report = evaluate(job, cfg, subsets, top_n, controls, device)
+    report = evaluate(job, data, subsets, top_n, controls, device)
     report["uncovered"] = found.get("uncovered", [])
     report["times_s"] = {k: r.get("train_seconds") for k, r in results.items()}
     atomic.write_json(out / COMBINATION, atomic.finite(report))
