@@ -29,35 +29,39 @@ HERE = Path(__file__).resolve().parent
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
-class KillAtEpoch(tricks.Plugin):
-    """SIGKILL this process when epoch ``epoch`` (0-based) starts."""
+class AtEpoch(tricks.Plugin):
+    """Do ``act`` when epoch ``epoch`` (0-based) starts."""
 
     def __init__(self, epoch: int):
         super().__init__()
         self.epoch = epoch
 
+    def act(self, epoch: int) -> None:
+        raise NotImplementedError
+
     @tricks.hookimpl
     def on_epoch_start(self, ctx, epoch):
         if epoch == self.epoch:
-            os.kill(os.getpid(), signal.SIGKILL)
+            self.act(epoch)
+
+
+class KillAtEpoch(AtEpoch):
+    """SIGKILL this process when epoch ``epoch`` (0-based) starts."""
+
+    def act(self, epoch: int) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Stopped(Exception):
     """What :class:`StopAtEpoch` raises."""
 
 
-class StopAtEpoch(tricks.Plugin):
+class StopAtEpoch(AtEpoch):
     """Stop the run in this process (an exception, not a kill) when epoch ``epoch`` (0-based)
     starts: the in-process stand-in for an interruption, its last epoch committed."""
 
-    def __init__(self, epoch: int):
-        super().__init__()
-        self.epoch = epoch
-
-    @tricks.hookimpl
-    def on_epoch_start(self, ctx, epoch):
-        if epoch == self.epoch:
-            raise Stopped(f"stopped as epoch {epoch} starts")
+    def act(self, epoch: int) -> None:
+        raise Stopped(f"stopped as epoch {epoch} starts")
 
 
 class KillWhileSaving(tricks.Plugin):
