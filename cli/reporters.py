@@ -47,21 +47,44 @@ class RichReporter:
     def epoch_end(self, row):
         self.progress.remove_task(self.task)
         self.rows.append(row)
-        self.console.print(f"epoch {row['epoch']:>3}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
-                           f"val_acc {100 * row['val_acc']:.2f}%  lr {row['lr']:.4g}  {row['epoch_seconds']:.1f}s")
+        self.console.print(f"epoch {row['epoch']:>3}  train_loss {row['train_loss']:.4f}  {self._validation(row)}  "
+                           f"lr {row['lr']:.4g}  {row['epoch_seconds']:.1f}s")
+
+    def _validation(self, row) -> str:
+        """``val_loss L  val_acc A%`` for classification; a task's own figures (mAP) otherwise."""
+        metric = getattr(self.ctx, "metric", "val_acc")
+        parts = [f"val_loss {row['val_loss']:.4f}"] if "val_loss" in row else []
+        if metric == "val_acc":
+            parts.append(f"val_acc {100 * row['val_acc']:.2f}%")
+        else:
+            parts += [f"{k} {row[k]:.4f}" for k in self._figures(row)]
+        return "  ".join(parts)
+
+    def _figures(self, row) -> list[str]:
+        """The task's validation figures worth a column: its metric first, then the other plain numbers."""
+        metric = getattr(getattr(self, "ctx", None), "metric", None) or next(k for k in row if k.startswith("val_") and k != "val_loss")
+        others = [k for k in row if k.startswith("val_") and k not in (metric, "val_loss") and isinstance(row[k], float)]
+        return [metric, *others[:3]]
 
     def finish(self, summary):
         self.progress.stop()
         table = Table(title="epochs")
-        for col in ("epoch", "train_loss", "val_loss", "val_acc", "lr", "seconds", "images/s"):
+        metric = (summary or {}).get("metric") or "val_acc"
+        figures = ["val_loss", "val_acc"] if metric == "val_acc" else self._figures(self.rows[0]) if self.rows else [metric]
+        for col in ("epoch", "train_loss", *figures, "lr", "seconds", "images/s"):
             table.add_column(col, justify="right")
         for r in self.rows:
-            table.add_row(str(r["epoch"]), f"{r['train_loss']:.4f}", f"{r['val_loss']:.4f}", f"{100 * r['val_acc']:.2f}%",
+            cells = [f"{100 * r[k]:.2f}%" if k == "val_acc" else f"{r[k]:.4f}" for k in figures]
+            table.add_row(str(r["epoch"]), f"{r['train_loss']:.4f}", *cells,
                           f"{r['lr']:.4g}", f"{r['epoch_seconds']:.1f}", f"{r['images_per_second']:.0f}")
         if self.rows:
             self.console.print(table)
-        self.console.print(f"final val_acc {100 * summary['final_val_acc']:.2f}%  best {100 * summary['best_val_acc']:.2f}% "
-                           f"(epoch {summary['best_epoch']})")
+        if metric == "val_acc":
+            self.console.print(f"final val_acc {100 * summary['final_val_acc']:.2f}%  best {100 * summary['best_val_acc']:.2f}% "
+                               f"(epoch {summary['best_epoch']})")
+        else:
+            self.console.print(f"final {metric} {summary[f'final_{metric}']:.4f}  best {summary[f'best_{metric}']:.4f} "
+                               f"(epoch {summary['best_epoch']})")
         self.console.print(f"run directory: {summary['run_dir']}")
 
     def log(self, message):
@@ -246,3 +269,31 @@ def exit_if_failed(failures: list[str], what: str, console: Console) -> None:
                   "recorded: fix the cause and run the same command again with --retry-failed",
                   markup=False, highlight=False, soft_wrap=True)
     sys.exit(2 if all("TricksError: " in f for f in failures) else 1)
+
+
+class ItemProgress:
+    """The progress of a job of named runs (``tricks specialists``, ``tricks lcp``), as a
+    ``tricks.jobs.JobProgress``: a bar over the items and one over the epochs of the run in
+    progress, and a line per finished item, ``describe(result)`` for one that trained."""
+
+    def __init__(self, console: Console, quiet: bool, describe):
+        self.bars, self.console, self.quiet, self.describe = AblationProgress(console, quiet), console, quiet, describe
+
+    def start(self, job, total, done, failed, diverged=0):
+        self.bars.start(total, done)
+
+    def item_start(self, item, resuming):
+        class Label:
+            label = item.id
+
+        return self.bars.run_start(0, Label, (item.recipe.get("core") or {}).get("seed", 0), resuming)
+
+    def item_end(self, item, result):
+        self.bars._done()
+        if not self.quiet:
+            line = (f"{item.id:<16} {self.describe(result)}  {result.get('time_s', 0):.0f}s" if result["status"] == "ok"
+                    else f"{item.id:<16} {result['status']}: {result.get('message', '')}")
+            self.console.print(line, markup=False, highlight=False)
+
+    def finish(self, job, results):
+        self.bars.progress.stop()

@@ -28,7 +28,25 @@ def constant_schedule(step: int, total_steps: int, base_lr: float) -> float:
 
 
 class CoreDefaults:
-    """Model provider, SGD, constant schedule, cross-entropy, accuracy."""
+    """Classification data and loaders, model provider, SGD, constant schedule, cross-entropy, accuracy."""
+
+    @hookimpl(trylast=True)
+    def load_data(self, ctx):
+        from .data import load_data
+
+        if ctx.core.task != "classification":
+            return None  # the loop names the plugin that brings the task
+        return load_data(ctx.core)
+
+    @hookimpl(trylast=True)
+    def make_loaders(self, ctx, data):
+        from .data import make_loaders
+
+        return make_loaders(data, ctx.core, ctx.device, ctx.rank, ctx.world_size)
+
+    @hookimpl(trylast=True)
+    def forward(self, ctx, model, batch):
+        return model(batch["input"])
 
     @hookimpl(trylast=True)
     def build_model(self, ctx):

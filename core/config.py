@@ -265,6 +265,7 @@ class CoreSettings(Settings):
     """The training core's settings (section ``core`` of a config)."""
 
     model: str = Field("resnet20", description="model name: resnet8/14/20/32/44/56/110, resnet18/34/50 (CIFAR-style), or timm:NAME")
+    task: str = Field("classification", description="the task: classification (the core's), or one a plugin brings (detection)")
     dataset: str = Field("digits", description="digits (bundled), mnist (torchvision's MNIST/raw layout), cifar10, cifar100, npz (a folder of .npz shards) or imagefolder")
     data_dir: str | None = Field(None, description="where the data set lies (not used by digits)")
     download: bool = Field(False, description="allow torchvision to download CIFAR or MNIST into data_dir")
@@ -485,16 +486,47 @@ def read_recipe(path: str | Path) -> YamlMapping:
     return checked
 
 
-def _model_name(data: dict, overrides: dict | None, sets: list[str] | None) -> str | None:
-    """The run's ``model`` setting, from the same sources as :func:`resolve` (later wins)."""
-    model = (data.get(CORE) or {}).get("model")
-    if (overrides or {}).get("model") is not None:
-        model = overrides["model"]
+def _core_value(data: dict, overrides: dict | None, sets: list[str] | None, key: str) -> str | None:
+    """The run's core setting ``key`` (``model``, ``task``), from the same sources as :func:`resolve` (later wins)."""
+    value = (data.get(CORE) or {}).get(key)
+    if (overrides or {}).get(key) is not None:
+        value = overrides[key]
     for item in sets or []:
-        section, name, value = parse_set(item)
-        if section == CORE and name == "model":
-            model = value
-    return model if isinstance(model, str) else None
+        section, name, given = parse_set(item)
+        if section == CORE and name == key:
+            value = given
+    return value if isinstance(value, str) else None
+
+
+def _with_task_provider(names: list[str], task: str | None, catalog: Catalog, adhoc: list[Plugin]) -> list[str]:
+    """Add the plugin that brings ``task`` (``--task detection`` brings ``detection``); an
+    unknown task is refused with the tasks there are."""
+    if not task or task == "classification" or any(getattr(p, "task", None) == task for p in adhoc):
+        return names
+    provider = catalog.task_provider(task)
+    if provider is None:
+        for name in names:  # an installed plugin outside the registry that brings it
+            info = catalog.plugins.get(name)
+            if info is not None and info.installed and info.entry is None and getattr(info.load(), "task", None) == task:
+                return names
+        close = difflib.get_close_matches(task, catalog.tasks(), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise TricksError(f"unknown task '{task}'{hint}; tasks: {', '.join(catalog.tasks())}")
+    return names if provider in names else [provider, *names]
+
+
+def _check_tasks(task: str, infos: list, adhoc: list[Plugin]) -> None:
+    """Refuse a plugin that does not work in the run's task (mixup on a detector's boxes)."""
+    for info in infos:
+        tasks = info.meta("tasks") or ["classification"]
+        if task not in tasks and "*" not in tasks and info.meta("task") != task:
+            raise TricksError(f"plugin '{info.name}' does not apply to the {task} task: it works for {', '.join(tasks)} "
+                              f"(its registry entry's tasks); leave it out of this run, or run it with --task {tasks[0]}")
+    for plugin in adhoc:
+        tasks = list(getattr(plugin, "tasks", ("classification",)))
+        if task not in tasks and "*" not in tasks and getattr(plugin, "task", None) != task:
+            raise TricksError(f"plugin '{getattr(plugin, 'name', '') or type(plugin).__name__}' does not apply to the "
+                              f"{task} task: it works for {', '.join(tasks)} (its class's tasks); leave it out of this run")
 
 
 def _with_model_provider(names: list[str], model: str | None, catalog: Catalog, adhoc: list[str]) -> list[str]:
@@ -550,7 +582,8 @@ def resolve(
     else:
         names = list(data.get("plugins") or [])
     catalog = catalog or Catalog(registries)
-    names = _with_model_provider(names, _model_name(data, overrides, sets), catalog, [getattr(p, 'name', '') for p in adhoc])
+    names = _with_model_provider(names, _core_value(data, overrides, sets, "model"), catalog, [getattr(p, 'name', '') for p in adhoc])
+    names = _with_task_provider(names, _core_value(data, overrides, sets, "task"), catalog, adhoc)
     infos = catalog.resolve(names)
     order = [i.name for i in infos]
 
@@ -591,6 +624,7 @@ def resolve(
         return lambda key: located.at(section, key) if located is not None and (section, key) in from_recipe else ""
 
     core = make_settings(CORE, CoreSettings, sections[CORE], where(CORE))
+    _check_tasks(core.task, infos, adhoc)
     settings = {}
     for info in infos:
         cls = info.load()

@@ -62,6 +62,7 @@ class Data:
     # the examples of each training epoch (a plugin's resampling, see hookspecs.prepare_data):
     # None takes every training example once per epoch, in a random order
     train_sampler: "Sampler | None" = None
+    metric: str = "val_acc"  # the validation metric a run on this data is judged by (higher is better)
 
     @property
     def train_size(self) -> int:
@@ -809,24 +810,26 @@ class Pipeline:
         return x
 
 
-class TensorLoader:
-    """Batches of a split held on the device; each process takes its shard of every epoch.
+class ShardedBatches:
+    """The index batches one process takes from a split of ``n`` examples held on ``device``.
 
-    The epoch's order is a permutation drawn from ``(seed, epoch)`` alone, so every process
-    draws the same one and takes every ``world``-th example from ``rank``.
+    Training: each epoch's order is a permutation drawn from ``(seed, epoch)`` alone (or the
+    ``sampler``'s), so every process draws the same one and takes every ``world``-th example from
+    ``rank``; the last partial batch is dropped. Validation: every example of the shard once, in
+    order. A loader of any task subclasses it and turns each index batch into a batch.
     """
 
-    def __init__(self, split: Split, pipeline: Pipeline, batch_size: int, train: bool, seed: int,
-                 rank: int = 0, world: int = 1, sampler: Sampler | None = None):
-        self.split, self.pipeline, self.train = split, pipeline, train
+    def __init__(self, n: int, batch_size: int, train: bool, seed: int, rank: int = 0, world: int = 1,
+                 sampler: Sampler | None = None, device: torch.device | str = "cpu", what: str = "examples"):
+        self.n, self.train, self.device = n, train, device
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.sampler = sampler if train else None
         self.epoch = 0
-        n = len(self.sampler) if self.sampler is not None else len(split.y)
-        self.shard = n // world if train else len(range(rank, n, world))
+        count = len(self.sampler) if self.sampler is not None else n
+        self.shard = count // world if train else len(range(rank, count, world))
         self.batches = self.shard // batch_size if train else -(-self.shard // batch_size)
         if train and self.batches == 0:
-            raise TricksError(f"batch size {batch_size * world} is larger than the training set ({n} examples); lower --batch-size")
+            raise TricksError(f"batch size {batch_size * world} is larger than the training set ({count} {what}); lower --batch-size")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -834,19 +837,31 @@ class TensorLoader:
     def __len__(self) -> int:
         return self.batches
 
-    def __iter__(self):
-        n = len(self.split.y)
-        device = self.split.y.device
+    def index_batches(self):
+        """This epoch's batches of indices into the split, on its device."""
         if self.train:
             if self.sampler is not None:
                 order = self.sampler.order(self.seed, self.epoch)
             else:
-                order = torch.randperm(n, generator=epoch_generator(self.seed, self.epoch))
-            order = order[: self.shard * self.world][self.rank:: self.world].to(device)
+                order = torch.randperm(self.n, generator=epoch_generator(self.seed, self.epoch))
+            order = order[: self.shard * self.world][self.rank:: self.world].to(self.device)
         else:
-            order = torch.arange(self.rank, n, self.world, device=device)
+            order = torch.arange(self.rank, self.n, self.world, device=self.device)
         for i in range(self.batches):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            yield order[i * self.batch_size:(i + 1) * self.batch_size]
+
+
+class TensorLoader(ShardedBatches):
+    """Batches of a split held on the device; each process takes its shard of every epoch
+    (:class:`ShardedBatches`), augmented and normalized batch-wise by the pipeline."""
+
+    def __init__(self, split: Split, pipeline: Pipeline, batch_size: int, train: bool, seed: int,
+                 rank: int = 0, world: int = 1, sampler: Sampler | None = None):
+        super().__init__(len(split.y), batch_size, train, seed, rank, world, sampler, split.y.device)
+        self.split, self.pipeline = split, pipeline
+
+    def __iter__(self):
+        for idx in self.index_batches():
             yield {"input": self.pipeline(self.split.x[idx], self.train), "target": self.split.y[idx]}
 
 

@@ -140,6 +140,27 @@ class Hooks:
         self._record("evaluate")
         return self.pm.hook.evaluate(ctx=ctx, model=model, loader=loader)
 
+    def load_data(self, ctx: "RunContext") -> Any:
+        self._record("load_data")
+        return self.pm.hook.load_data(ctx=ctx)
+
+    def make_loaders(self, ctx: "RunContext", data: Any) -> tuple[Iterable, Iterable]:
+        self._record("make_loaders")
+        return self.pm.hook.make_loaders(ctx=ctx, data=data)
+
+    def forward_fn(self, ctx: "RunContext") -> Callable[[Any, Mapping[str, Any]], Any] | None:
+        """``f(model, batch)`` calling the ``forward`` hook, or None when no plugin of the run
+        implements it (the loop then calls ``model(batch["input"])`` itself, at no cost)."""
+        if not self.implementers("forward"):
+            return None
+        hook = self.pm.hook.forward
+
+        def forward(model, batch):
+            self._record("forward")
+            return hook(ctx=ctx, model=model, batch=batch)
+
+        return forward
+
     # --- chained -------------------------------------------------------------------------
     def on_batch(self, ctx: "RunContext", batch: dict[str, Any]) -> dict[str, Any]:
         self._record("on_batch")

@@ -35,6 +35,9 @@ RULES = {
     "configure_schedule": "firstresult",
     "build_loss": "firstresult",
     "evaluate": "firstresult",
+    "load_data": "firstresult",
+    "make_loaders": "firstresult",
+    "forward": "firstresult",
     "on_batch": "chained",
     "prepare_data": "chained",
     "prune": "per-plugin",
@@ -117,6 +120,62 @@ def on_batch(ctx, batch):
     Returns: the transformed mapping, or ``None`` when the batch was changed in place.
     Combines: chained: every implementation runs, in the resolved plugin order, each on the
         previous one's output.
+    """
+
+
+# --- tasks: what a task plugin (detection, ...) replaces -------------------------------------
+
+
+@hookspec(firstresult=True)
+def load_data(ctx):
+    """Load the run's data set.
+
+    Fires: once per run (again on resume), first of all; ``ctx.num_classes``, ``ctx.in_chans``,
+        ``ctx.image_size`` and ``ctx.train_size`` are 0 and ``ctx.data`` is ``None`` until it returns.
+    Parameters:
+        ctx: the run context; ``ctx.core.task``, ``ctx.core.dataset``, ``ctx.core.data_dir`` and
+            the limits name what to load.
+    Returns: a :class:`tricks.data.Data` (the core's classification data), or a task's own data
+        object with at least ``name``, ``num_classes``, ``in_chans``, ``image_size``,
+        ``train_size``, ``notes`` (a list of strings for the log) and ``metric`` (the validation
+        metric a run is judged by, higher is better: ``val_acc`` for classification); or
+        ``None`` to leave the data set to the next provider. A task plugin returns ``None`` when
+        ``ctx.core.task`` is not its task. Never downloads without ``ctx.core.download``.
+    Combines: first non-None result wins; the core's provider (the classification data sets of
+        ``--dataset``) is registered last.
+    """
+
+
+@hookspec(firstresult=True)
+def make_loaders(ctx, data):
+    """Build the training and validation loaders of the data set ``load_data`` gave.
+
+    Fires: once per run, after ``prepare_data``, before the model is built.
+    Parameters:
+        ctx: the run context (``ctx.device``, ``ctx.rank``, ``ctx.world_size``).
+        data: what ``load_data`` (then ``prepare_data``) returned.
+    Returns: ``(train_loader, val_loader)``: iterables of batches (mappings with at least
+        ``input``, a float ``[B, C, H, W]`` tensor on the device), each with ``len()`` (batches
+        per epoch) and ``set_epoch(epoch)``; the training loader takes this process's shard of
+        every epoch, the validation loader its shard of the validation set. Or ``None``.
+    Combines: first non-None result wins; the core's provider (device-resident tensors,
+        batch-wise augmentation on the device) is registered last.
+    """
+
+
+@hookspec(firstresult=True)
+def forward(ctx, model, batch):
+    """Run the model on a training batch.
+
+    Fires: every training step, after ``on_batch``, under the run's autocast; only when a plugin
+        of the run implements it (otherwise the core calls ``model(batch["input"])`` itself).
+    Parameters:
+        ctx: the run context.
+        model: the model being trained (wrapped for data parallelism when there are processes).
+        batch: the batch ``on_batch`` returned.
+    Returns: the output the loss (``build_loss``) receives: a torchvision detector's dict of
+        losses for detection; or ``None``.
+    Combines: first non-None result wins; the core's default is ``model(batch["input"])``.
     """
 
 
@@ -217,6 +276,9 @@ def evaluate(ctx, model, loader):
     Returns: a dict of summed statistics with an ``n`` entry (the number of examples); the
         core reduces them across processes and divides every entry by ``n`` (the default
         returns ``loss`` and ``acc`` (the summed loss and the number of correct predictions), reported as ``val_loss`` and ``val_acc``).
+        Metrics that are not sums (a detector's mAP) go in a ``reduced`` entry: a dict of
+        figures already computed over the whole validation set, the same on every process
+        (the plugin gathers what it needs), reported as ``val_<key>`` unchanged.
     Combines: first non-None result wins; a task plugin brings its own metrics.
     """
 

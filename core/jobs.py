@@ -265,12 +265,18 @@ def run_result(run: RunDir, rows: list[dict] | None = None) -> dict:
     rows = run.metrics() if rows is None else rows
     summary = run.summary() or {}
     accs = [r["val_acc"] for r in rows if r.get("val_acc") is not None]
-    return {"epochs": len(rows),
-            "final_val_acc": accs[-1] if accs else None,
-            "best_val_acc": max(accs) if accs else None,
-            "final_val_loss": rows[-1].get("val_loss") if rows else None,
-            "train_seconds": round(sum(r.get("epoch_seconds") or 0.0 for r in rows), 3),
-            "params": summary.get("params")}
+    result = {"epochs": len(rows),
+              "final_val_acc": accs[-1] if accs else None,
+              "best_val_acc": max(accs) if accs else None,
+              "final_val_loss": rows[-1].get("val_loss") if rows else None,
+              "train_seconds": round(sum(r.get("epoch_seconds") or 0.0 for r in rows), 3),
+              "params": summary.get("params")}
+    metric = summary.get("metric")
+    if metric and metric != "val_acc":  # a task's own metric (detection: val_map), final and best
+        values = [r[metric] for r in rows if r.get(metric) is not None]
+        result.update({"metric": metric, f"final_{metric}": values[-1] if values else None,
+                       f"best_{metric}": max(values) if values else None})
+    return result
 
 
 def diverged_result(run: RunDir, error: Diverged | None = None) -> dict:

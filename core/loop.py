@@ -22,7 +22,7 @@ import torch
 from . import distributed as dist
 from .builtin import CoreDefaults
 from .config import CoreSettings, RunConfig
-from .data import Data, load_data, make_loaders
+from .data import Data
 from .errors import Diverged, TricksError
 from .hooks import Hooks
 from .plots import plot_curves
@@ -69,6 +69,8 @@ class RunContext:
     # the run's hooks (tricks.hooks.Hooks): a plugin that must call a hook again, on another
     # model, goes through it (ema evaluates its averaged weights with the run's ``evaluate``)
     hooks: Any = field(default=None, repr=False)
+    # the validation metric the run is judged by (higher is better): the data set's ``metric``
+    metric: str = "val_acc"
 
     @property
     def total_steps(self) -> int:
@@ -189,6 +191,13 @@ class Trainer:
             self.reporter.log(f"{run.path} held a run that never finished an epoch; starting it again")
             run.remove_files()
         return checkpoint
+
+    def _take_data(self, data) -> None:
+        """Make ``data`` the run's data set: the context's shape of the data follows it."""
+        ctx = self.ctx
+        ctx.data = data
+        ctx.num_classes, ctx.in_chans, ctx.image_size = data.num_classes, data.in_chans, data.image_size
+        ctx.train_size, ctx.metric = data.train_size, getattr(data, "metric", "val_acc")
 
     # Core settings a resumed run may change: how long it trains and where, and what it prints.
     RESUMABLE = {"epochs", "device", "workers", "log_every", "curves"}
@@ -338,19 +347,21 @@ class Trainer:
             return self._finished(self.finished)
         device = pick_device(core.device, self.local_rank)
         seed_everything(core.seed, -1, 0)
-        data = load_data(core)
         ctx = self.ctx = RunContext(
             core=core, run_config=cfg, device=device, rank=self.rank, world_size=self.world, run_dir=self.run_dir,
-            num_classes=data.num_classes, in_chans=data.in_chans, image_size=data.image_size,
-            train_size=data.train_size, steps_per_epoch=0, epochs=core.epochs,
-            data=data, reporter=self.reporter, hooks=self.hooks,
+            num_classes=0, in_chans=0, image_size=0, train_size=0, steps_per_epoch=0, epochs=core.epochs,
+            reporter=self.reporter, hooks=self.hooks,
         )
         hooks = self.hooks
+        data = hooks.load_data(ctx)
+        if data is None:
+            raise TricksError(f"no plugin of the run loads data for the task '{core.task}'; add the plugin that brings "
+                              "it (tricks plugins list), or use --task classification")
+        self._take_data(data)
         if hooks.implementers("prepare_data"):
-            data = ctx.data = hooks.prepare_data(ctx, data)
-            ctx.num_classes, ctx.in_chans, ctx.image_size = data.num_classes, data.in_chans, data.image_size
-            ctx.train_size = data.train_size
-        train_loader, val_loader = make_loaders(data, core, device, self.rank, self.world)
+            self._take_data(hooks.prepare_data(ctx, data))
+        data = ctx.data
+        train_loader, val_loader = hooks.make_loaders(ctx, data)
         ctx.steps_per_epoch = len(train_loader)
         self._history: list[dict] = []
         try:
@@ -491,6 +502,7 @@ class Trainer:
         hooks.on_epoch_start(ctx, epoch)
         self.reporter.epoch_start(epoch, len(train_loader))
         model, optimizer, loss_fn, scaler = self.wrapped, ctx.optimizer, ctx.loss_fn, self.scaler
+        forward = hooks.forward_fn(ctx)
         model.train()
         loss_sum = torch.zeros((), device=ctx.device, dtype=torch.float64)
         seen, lr = 0, 0.0
@@ -500,7 +512,7 @@ class Trainer:
             batch = hooks.on_batch(ctx, batch)
             lr = self.schedule.apply(ctx.step)
             with ctx.autocast():
-                loss = loss_fn(model(batch["input"]), batch)
+                loss = loss_fn(model(batch["input"]) if forward is None else forward(model, batch), batch)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -525,9 +537,11 @@ class Trainer:
         with torch.no_grad():
             stats = hooks.evaluate(ctx, model, val_loader)
         n = stats.pop("n")
+        whole = stats.pop("reduced", None) or {}  # figures over the whole validation set already
         keys = list(stats)
         reduced = dist.reduce_sum([stats[k] for k in keys] + [float(n)], ctx.device)
         metrics = {f"val_{k}": v / reduced[-1] for k, v in zip(keys, reduced[:-1])}
+        metrics.update({f"val_{k}": float(v) for k, v in whole.items()})
         hooks.on_evaluate_end(ctx, metrics)
         for key in ("val_loss",):
             if key in metrics and not np.isfinite(metrics[key]):
@@ -546,12 +560,16 @@ class Trainer:
 
     def _summary(self, history: list[dict]) -> dict:
         ctx = self.ctx
-        best = max(history, key=lambda r: r.get("val_acc", 0.0)) if history else {}
+        metric = ctx.metric
+        best = max(history, key=lambda r: r.get(metric, 0.0)) if history else {}
+        judged = {} if metric == "val_acc" else {"metric": metric, f"final_{metric}": history[-1].get(metric) if history else None,
+                                                 f"best_{metric}": best.get(metric)}
         return {
             "status": "complete",
             "final_val_acc": history[-1].get("val_acc") if history else None,
             "final_val_loss": history[-1].get("val_loss") if history else None,
             "best_val_acc": best.get("val_acc"),
+            **judged,
             "best_epoch": best.get("epoch"),
             "epochs": ctx.epochs,
             "plugins": list(self.cfg.plugins),
@@ -583,7 +601,9 @@ def replay(hooks: Hooks, ctx: "RunContext", model: torch.nn.Module, structure: l
         from .config import resolve
 
         try:
-            cfg = resolve(recipe={"plugins": [name], name: record.get("settings") or {}}, registries=registries)
+            # in the run's task: a plugin of another task than classification is refused outside it
+            cfg = resolve(recipe={"plugins": [name], name: record.get("settings") or {}, "core": {"task": ctx.core.task}},
+                          registries=registries)
         except TricksError as error:
             raise TricksError(f"the model of {source} was changed by plugin '{name}' (epoch {record.get('epoch', 0) + 1}), "
                               f"which cannot be re-created here ({error}); install it, or pass the plugin to tricks.run") from None

@@ -41,6 +41,14 @@ class Plugin:
     # A model provider whose model names are not the core's: the --model that its
     # example_settings() are for (the shared tests train with it when the plugin is in the run).
     example_model: ClassVar[str | None] = None
+    # The task this plugin brings (``detection``: ``--task detection`` adds it to a run), and the
+    # tasks it works in (a classification trick such as mixup makes no sense on boxes; "*": every
+    # task, for an observer of the loop).
+    task: ClassVar[str | None] = None
+    tasks: ClassVar[tuple[str, ...]] = ("classification",)
+    # Core settings the shared tests train this plugin with, beside its example_settings (a task
+    # plugin's task and data set: {"task": "detection", "dataset": "digits_detection"}).
+    example_core: ClassVar[dict] = {}
 
     def __init__(self, settings: Settings | None = None):
         self.settings = settings if settings is not None else self.Settings()

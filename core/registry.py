@@ -56,6 +56,8 @@ class Entry(BaseModel):
     paper: Paper | None = None
     summary: str
     models: list[str] = []  # model names (shell-style patterns) that this plugin builds
+    task: str | None = None  # the task this plugin brings: --task NAME adds it to a run
+    tasks: list[str] = ["classification"]  # the tasks this plugin works in; it is refused in any other
     reasons: dict[str, str] = {}  # why a listed conflict holds, by the other plugin's name: shown in the refusal
     # where the entry and each of its fields are written: "registry F, line L, column C" ("" is the entry's name)
     _where: dict[str, str] = PrivateAttr(default_factory=dict)
@@ -336,6 +338,17 @@ class Catalog:
             if info.entry is not None and any(fnmatch.fnmatchcase(model, p) for p in info.entry.models):
                 return name
         return None
+
+    def task_provider(self, task: str) -> str | None:
+        """The registered plugin that brings ``task`` (``detection``), if any."""
+        for name, info in self.plugins.items():
+            if info.entry is not None and info.entry.task == task:
+                return name
+        return None
+
+    def tasks(self) -> list[str]:
+        """Every task a run can have: the core's classification and the registered plugins' tasks."""
+        return ["classification", *sorted({i.entry.task for i in self.plugins.values() if i.entry is not None and i.entry.task})]
 
     def resolve(self, names: list[str]) -> list[PluginInfo]:
         """Check names, conflicts and requirements; return the plugins in a deterministic order."""

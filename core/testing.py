@@ -181,7 +181,8 @@ def check_plugin(plugin: type[Plugin] | str, *, precisions: Sequence[str] = ("fp
     3. every setting has a default and a description, and the defaults validate;
     4. its README is a plugin card: the paper named (with its arXiv id) when the registry names
        one, and sections on the paper's claim, the defaults and "What we measured";
-    5. one epoch with only this plugin, its ``example_settings`` and ``example_model``, trains
+    5. one epoch with only this plugin, its ``example_settings``, ``example_model`` and
+       ``example_core`` (a task plugin's task and data set), trains
        in each of ``precisions`` with finite losses;
     6. with ``resume``: a 2-epoch run stopped when its second epoch starts and resumed ends with the
        metrics of an uninterrupted one (same columns, ``step`` and ``val_acc`` equal, losses
@@ -292,7 +293,8 @@ def _check_settings(name: str, cls: type) -> None:
         _fail(name, "settings", f"the defaults {defaults!r} read back as {again!r}")
     from .config import resolve
 
-    resolved = resolve(plugins=[name]).settings[name]
+    task = (getattr(cls, "example_core", None) or {}).get("task")  # a task plugin resolves in its task
+    resolved = resolve(plugins=[name], overrides={"task": task} if task else None).settings[name]
     if resolved != defaults:
         _fail(name, "settings", f"a run resolves the settings to {resolved!r}, not the defaults {defaults!r}")
 
@@ -344,6 +346,8 @@ class _Interrupted(Exception):
 class _StopAtEpoch(Plugin):
     """Stop the run when epoch ``epoch`` (0-based) starts: its checkpoint holds the epochs before."""
 
+    tasks = ("*",)  # an observer of the loop: it works in every task
+
     def __init__(self, epoch: int):
         super().__init__()
         self.epoch = epoch
@@ -372,7 +376,7 @@ def _check_runs(name: str, cls: type, work: Path, precisions: tuple[str, ...], r
     from .api import run
 
     example = cls.example_settings(work / "example")
-    core = {**TINY, "model": cls.example_model or TINY["model"], "curves": False}
+    core = {**TINY, "model": cls.example_model or TINY["model"], "curves": False, **(getattr(cls, "example_core", None) or {})}
 
     def train(point: str, out: Path, epochs: int, precision: str, extra: tuple = ()) -> RunDir:
         try:
@@ -385,6 +389,12 @@ def _check_runs(name: str, cls: type, work: Path, precisions: tuple[str, ...], r
             _fail(name, point, f"{type(error).__name__}: {error}")
         return RunDir(out)
 
+    from .registry import Catalog
+
+    task = core.get("task", "classification")
+    provider = Catalog().task_provider(task) if task != "classification" else None
+    brought = [provider] if provider and provider != name else []  # --task NAME brings its plugin
+
     def rows_of(point: str, done: RunDir, epochs: int) -> list[dict]:
         rows = done.metrics()
         if len(rows) != epochs:
@@ -394,8 +404,9 @@ def _check_runs(name: str, cls: type, work: Path, precisions: tuple[str, ...], r
                 if "loss" in key and not math.isfinite(value):
                     _fail(name, point, f"{key} is {value} in epoch {row['epoch']}")
         plugins = done.config()["plugins"]
-        if plugins != [name]:
-            _fail(name, point, f"the run's plugins are {plugins}, expected only [{name!r}]")
+        if plugins != [name] and sorted(plugins) != sorted([name, *brought]):
+            _fail(name, point, f"the run's plugins are {plugins}, expected only [{name!r}]"
+                  + (f" and the plugin of its task ({brought[0]})" if brought else ""))
         return rows
 
     first = precisions[0] if precisions else "fp32"

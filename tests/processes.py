@@ -32,6 +32,8 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 class AtEpoch(tricks.Plugin):
     """Do ``act`` when epoch ``epoch`` (0-based) starts."""
 
+    tasks = ("*",)  # an observer of the loop: it works in every task
+
     def __init__(self, epoch: int):
         super().__init__()
         self.epoch = epoch

@@ -55,8 +55,20 @@ class Recorder(tricks.Plugin):
         return result
 
     @tricks.hookimpl
+    def load_data(self, ctx):
+        return self._rec("load_data")
+
+    @tricks.hookimpl
     def prepare_data(self, ctx, data):
         return self._rec("prepare_data")
+
+    @tricks.hookimpl
+    def make_loaders(self, ctx, data):
+        return self._rec("make_loaders")
+
+    @tricks.hookimpl
+    def forward(self, ctx, model, batch):
+        return self._rec("forward")
 
     @tricks.hookimpl
     def build_model(self, ctx):
@@ -124,12 +136,12 @@ class Recorder(tricks.Plugin):
 
 
 def expected_order(epochs: int, steps: int, first_epoch: int = 0, resumed: bool = False) -> list[str]:
-    order = ["prepare_data", "build_model", "configure_optimizer", "configure_schedule", "build_loss"]
+    order = ["load_data", "prepare_data", "make_loaders", "build_model", "configure_optimizer", "configure_schedule", "build_loss"]
     if resumed:
         order.append("load_state_dict")
     order.append("on_fit_start")
     for epoch in range(first_epoch, epochs):
-        order += ["on_epoch_start"] + ["on_batch"] * steps
+        order += ["on_epoch_start"] + ["on_batch", "forward"] * steps
         order += ["evaluate", "on_evaluate_end", "prune", "on_epoch_end"]
         # The last epoch's checkpoint holds the summary, which on_fit_end may add to.
         order += ["on_fit_end", "state_dict"] if epoch == epochs - 1 else ["state_dict"]

@@ -50,38 +50,15 @@ def specialists(
     by EM. Writes OUT/job.json, runs/, results/, subsets.json and combination.json; the same
     command continues an interrupted job without training a finished model again.
     """
-    from tricks.cli.reporters import AblationProgress
-    from tricks.jobs import JobProgress
+    from tricks.cli.reporters import ItemProgress
 
     from .job import specialists_job
 
-    bars = AblationProgress(console, quiet)
-
-    class Label:
-        def __init__(self, label):
-            self.label = label
-
-    class Progress(JobProgress):
-        def start(self, job, total, done, failed, diverged=0):
-            bars.start(total, done)
-
-        def item_start(self, item, resuming):
-            return bars.run_start(0, Label(item.id), (item.recipe.get("core") or {}).get("seed", 0), resuming)
-
-        def item_end(self, item, result):
-            bars._done()
-            if not quiet:
-                line = (f"{item.id:<16} val_acc {100 * result['final_val_acc']:.2f}%  {result.get('time_s', 0):.0f}s"
-                        if result["status"] == "ok" else f"{item.id:<16} {result['status']}: {result.get('message', '')}")
-                console.print(line, markup=False, highlight=False)
-
-        def finish(self, job, results):
-            bars.progress.stop()
-
+    progress = ItemProgress(console, quiet, lambda result: f"val_acc {100 * result['final_val_acc']:.2f}%")
     report = specialists_job(out, plugins=[p for p in (plugins or "").split(",") if p], recipe=config, sets=set_,
                              overrides=core, n_specialists=n_specialists, size=size, overlap=overlap, top_n=top_n,
                              specialist_epochs=specialist_epochs, specialist_lr=specialist_lr, soft_targets=soft_targets,
-                             control=control, progress=Progress(), gpus=gpus, per_gpu=per_gpu, backend=backend,
+                             control=control, progress=progress, gpus=gpus, per_gpu=per_gpu, backend=backend,
                              address=address, retry_failed=retry_failed)
     if json_out:
         import json
