@@ -16,15 +16,26 @@ Network Pruning", CVPR 2019, arXiv 1906.10771 (first-order Taylor importance).
 * :class:`Prune`, the plugin: prunes at the scheduled epochs on the ``prune`` hook, replays its
   changes on ``replay_structure``, adds the slimming penalty to the loss, and keeps its schedule
   in the checkpoint.
+
+A model may name the part the plugin prunes with a string attribute ``prune_root``, the dotted
+path of a sub-module (``model.get_submodule(prune_root)``) that takes the run's images: a
+detector of the detection plugin names ``"backbone.body"``, its backbone's stem and stages. Then
+every graph operation (the groups, the plan, the criteria's scores, the Taylor hooks, the slimming
+batchnorms, the params and MACs it logs, the replay) acts on that sub-module alone, traced with an
+image of the run's shape; layer names (``prune.exclude``, the change's steps) are relative to it,
+and whatever it returns keeps its width (the detector's feature pyramid reads it). Without the
+attribute the whole model is pruned. :func:`pruned_part` resolves it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import field_validator, model_validator
+from torch import nn
 
 import tricks
 
@@ -40,7 +51,7 @@ __all__ = [
     "prune_model", "replay", "plan_steps", "input_step", "check_plan", "complexity", "find_groups", "build_graph", "apply_steps", "ChannelGroup",
     "Member", "matches", "check_exclude", "CRITERIA", "Criterion", "register_criterion", "l1_scores", "random_scores",
     "slimming_scores", "TaylorImportance", "slimming_penalty", "batchnorms", "SCOPES", "TARGETS", "Prune",
-    "PruneSettings", "format_count", "stream_layers",
+    "PruneSettings", "format_count", "stream_layers", "pruned_part", "root_path",
 ]
 
 
@@ -119,9 +130,50 @@ class PruneSettings(tricks.Settings):
 def model_exclude(model) -> list[str]:
     """The layers a model says must keep their output channels: the fnmatch patterns its
     ``prune_exclude()`` returns, if it has one (a ViT: its attention's ``qkv``, whose output is
-    split into heads, which channel pruning does not know)."""
-    declared = getattr(model, "prune_exclude", None)
-    return list(declared()) if callable(declared) else []
+    split into heads, which channel pruning does not know). For a model that names a
+    ``prune_root``, the patterns of the model and of that sub-module, both relative to the sub-module."""
+    out = []
+    for owner in dict.fromkeys([model, pruned_part(model)]):
+        declared = getattr(owner, "prune_exclude", None)
+        out += list(declared()) if callable(declared) else []
+    return out
+
+
+def root_path(model) -> str | None:
+    """The sub-module a model names to be pruned (its ``prune_root`` attribute, a dotted path such
+    as ``"backbone.body"``), or None: the whole model is pruned."""
+    path = getattr(model, "prune_root", None)
+    if path is None:
+        return None
+    if not isinstance(path, str) or not path:
+        raise tricks.TricksError(f"prune: {type(model).__name__}.prune_root is {path!r}; it names the sub-module to "
+                                 "prune as a dotted path (model.get_submodule(path)), e.g. 'backbone.body'")
+    return path
+
+
+def pruned_part(model) -> nn.Module:
+    """The module the plugin traces and prunes: ``model.get_submodule(model.prune_root)`` when the
+    model names a ``prune_root`` (a detector's backbone body, which takes the images and returns
+    the features its feature pyramid reads), else ``model`` itself."""
+    path = root_path(model)
+    if path is None:
+        return model
+    try:
+        part = model.get_submodule(path)
+    except AttributeError:
+        some = ", ".join(n for n, _ in list(model.named_children())[:4])
+        raise tricks.TricksError(f"prune: {type(model).__name__}.prune_root is {path!r}, which names no sub-module of "
+                                 f"it (its top-level modules: {some}); name one as model.named_modules() does") from None
+    if not isinstance(part, nn.Module):
+        raise tricks.TricksError(f"prune: {type(model).__name__}.prune_root {path!r} is not a module")
+    return part
+
+
+def _label(model) -> str:
+    """What the logged sizes are of: "" for the whole model, "backbone " for a detector's
+    ``prune_root = "backbone.body"`` (the first part of the path)."""
+    path = root_path(model)
+    return "" if path is None else f"{path.split('.')[0]} "
 
 
 class Prune(tricks.Plugin):
@@ -161,16 +213,40 @@ class Prune(tricks.Plugin):
         return torch.zeros(1, ctx.in_chans, ctx.image_size, ctx.image_size, device=device)
 
     def _groups(self, model, x):
-        """``(dg, groups, exclude)``: the model's channel groups with the layers that must stay,
-        ``prune.exclude`` plus, unless ``prune.streams``, the layers that write residual streams."""
+        """``(dg, groups, exclude)``: the channel groups of the part of ``model`` that is pruned
+        (:func:`pruned_part`) with the layers that must stay, ``prune.exclude`` plus, unless
+        ``prune.streams``, the layers that write residual streams."""
         s = self.settings
+        root = pruned_part(model)
         base = [*s.exclude, *model_exclude(model)]
-        dg, groups = find_groups(model, x, base, s.min_channels)
+        dg, groups = find_groups(root, x, base, s.min_channels)
         extra = [] if s.streams else [n for n in stream_layers(groups) if not matches(n, base)]
         if not extra:
             return dg, groups, base
         exclude = [*base, *extra]
-        return (dg, *find_groups(model, x, exclude, s.min_channels, dg=dg)[1:], exclude)
+        return (dg, *find_groups(root, x, exclude, s.min_channels, dg=dg)[1:], exclude)
+
+    def _check_dcp(self, ctx, model=None, batch=None) -> None:
+        """dcp trains auxiliary classifiers on class indices (``batch["target"]``) and prunes a whole
+        classifier: refused in a run of another task, on per-image targets (a list), and on a model
+        that names a ``prune_root``."""
+        if self.settings.criterion != "dcp":
+            return
+        fix = "use prune.criterion=l1, taylor, slimming or random for a detector"
+        if ctx.core.task != "classification":
+            raise tricks.TricksError(
+                f"prune: dcp selects channels with auxiliary classifiers trained on class indices, and a "
+                f"{ctx.core.task} run's targets are per-image boxes; {fix} (LCP, the localization-aware variant, "
+                "is coming as its own plugin)")
+        if batch is not None and isinstance(batch.get("target"), (list, tuple)):
+            raise tricks.TricksError(
+                "prune: dcp selects channels with auxiliary classifiers trained on class indices, and this run's "
+                f"targets are a list (per-image targets, as a detector's); {fix} (LCP, the localization-aware "
+                "variant, is coming as its own plugin)")
+        if model is not None and root_path(model) is not None:
+            raise tricks.TricksError(
+                f"prune: dcp prunes a whole classifier, and {type(model).__name__} names a part to prune "
+                f"(prune_root={root_path(model)!r}); {fix}")
 
     # --- dcp: auxiliary heads, their losses, the images channels are selected on ---------------
     def _dcp_heads(self, ctx, model):
@@ -251,6 +327,7 @@ class Prune(tricks.Plugin):
         optimizer = yield
         if self.settings.criterion != "dcp" or optimizer is None:
             return optimizer
+        self._check_dcp(ctx, model)
         heads = self._dcp_heads(ctx, model)
         group = {k: v for k, v in optimizer.defaults.items() if k not in ("params", "initial_lr")}
         group["lr"] = optimizer.param_groups[0]["lr"]
@@ -260,6 +337,8 @@ class Prune(tricks.Plugin):
     @tricks.hookimpl
     def on_fit_start(self, ctx):
         s = self.settings
+        self._check_dcp(ctx, ctx.model)
+        root = pruned_part(ctx.model)
         if self.schedule is None:
             self.schedule = self.planned(ctx.epochs)
         last = self.schedule[-1]
@@ -271,9 +350,9 @@ class Prune(tricks.Plugin):
         if self.done < len(self.schedule):
             x, ratio = self._example(ctx, ctx.model), s.ratio
             if self.original and s.target != "channels":  # resumed between steps: what is left to remove
-                ratio = max(0.0, 1 - (1 - s.ratio) * self.original[s.target] / complexity(ctx.model, x)[s.target])
+                ratio = max(0.0, 1 - (1 - s.ratio) * self.original[s.target] / complexity(root, x)[s.target])
             dg, groups, exclude = self._groups(ctx.model, x)
-            check_plan(ctx.model, x, ratio, s.target, exclude, s.min_channels)
+            check_plan(root, x, ratio, s.target, exclude, s.min_channels)
         if s.criterion == "dcp" and self.done < len(self.schedule):
             if not selectable(groups):
                 raise tricks.TricksError(
@@ -281,8 +360,8 @@ class Prune(tricks.Plugin):
                     f"prunable channel of {type(ctx.model).__name__} is read that way (residual streams and grouped "
                     "convolutions are not); choose prune.criterion=l1, taylor, slimming or random")
             self._attach(ctx.model)
-        if s.criterion == "slimming" and not batchnorms(ctx.model):
-            raise tricks.TricksError(f"prune: the slimming criterion ranks BatchNorm scales, and {type(ctx.model).__name__} "
+        if s.criterion == "slimming" and not batchnorms(root):
+            raise tricks.TricksError(f"prune: the slimming criterion ranks BatchNorm scales, and {type(root).__name__} "
                                      "has no BatchNorm layer; choose prune.criterion=l1 or taylor")
 
     @tricks.hookimpl
@@ -292,7 +371,9 @@ class Prune(tricks.Plugin):
                 self._taylor.close()
             s = self.settings
             x = self._example(ctx, ctx.model)
-            self._taylor = TaylorImportance(ctx.model, x, self._groups(ctx.model, x)[2], s.min_channels)
+            # the hooks sit on the pruned part's parameters: they see the gradients of the whole
+            # model's loss (a detector's summed losses) through the backward pass
+            self._taylor = TaylorImportance(pruned_part(ctx.model), x, self._groups(ctx.model, x)[2], s.min_channels)
 
     @tricks.hookimpl(wrapper=True)
     def build_loss(self, ctx):
@@ -300,6 +381,7 @@ class Prune(tricks.Plugin):
         s = self.settings
         if s.criterion == "dcp":
             def with_aux(output, batch):
+                self._check_dcp(ctx, batch=batch)
                 value = base(output, batch)
                 if self._pending(ctx.epoch):
                     self._collect(batch)
@@ -319,7 +401,7 @@ class Prune(tricks.Plugin):
                 return value  # fine-tuning after the last step: no penalty (Liu et al.)
             model = ctx.model
             if self._norms[0] is not model:
-                self._norms = (model, batchnorms(model))
+                self._norms = (model, batchnorms(pruned_part(model)))  # the pruned part's, which are ranked
             return value + lam * slimming_penalty(model, self._norms[1])
 
         return sparse
@@ -331,9 +413,10 @@ class Prune(tricks.Plugin):
         if not self._pending(ctx.epoch):
             return None
         s = self.settings
+        root, path = pruned_part(model), root_path(model)
         x = self._example(ctx, model)
         dg, groups, exclude = self._groups(model, x)
-        before = complexity(model, x)
+        before = complexity(root, x)
         pool = [g for g, _ in selectable(groups)] if s.criterion == "dcp" else [g for g in groups if g.prunable]
         channels = sum(g.size for g in pool)  # what the ratio is a fraction of (dcp: the channels it can select)
         if not self.original:
@@ -345,19 +428,21 @@ class Prune(tricks.Plugin):
         if s.criterion == "dcp":
             steps_, info = self._prune_dcp(ctx, model, x, ratio)
         else:
-            steps_, info = self._plan(ctx, model, x, ratio, step, groups, exclude)
-            apply_steps(model, x, steps_, dg)
-        after = complexity(model, x)
+            steps_, info = self._plan(ctx, root, x, ratio, step, groups, exclude)
+            apply_steps(root, x, steps_, dg)
+        after = complexity(root, x)
         self.done += 1
         first = self.original["channels"]
         left = info["channels"][1] + (channels - info["channels"][0])  # prunable channels of the model now
         where = f" step {step}/{steps}" if steps > 1 else ""
+        part = _label(model)  # "backbone " for a detector: the sizes are those of the part pruned
         ctx.log(f"prune{where}: {1 - left / max(1, first):.0%} of channels removed by {s.criterion} ({s.ranking}): "
-                f"params {_before_after(before['params'], after['params'])}, "
-                f"MACs {_before_after(before['macs'], after['macs'])}; channels {channels} -> {left} of {first}")
+                f"{part}params {_before_after(before['params'], after['params'])}, "
+                f"{part}MACs {_before_after(before['macs'], after['macs'])}; channels {channels} -> {left} of {first}")
         if not steps_:
             return None
-        return {"steps": steps_, **info, "step": step, "before": before, "after": after}
+        return {"steps": steps_, **info, "step": step, "before": before, "after": after,
+                **({"root": path} if path is not None else {})}
 
     def _plan(self, ctx, model, x, ratio, step, groups, exclude):
         s = self.settings
@@ -376,7 +461,14 @@ class Prune(tricks.Plugin):
 
     @tricks.hookimpl
     def replay_structure(self, ctx, model, change):
-        replay(model, self._example(ctx, model), change)
+        path = root_path(model)
+        made = change.get("root") if isinstance(change, Mapping) else None
+        if made != path:
+            raise tricks.TricksError(
+                f"prune: the change was made on {'the sub-module ' + repr(made) if made else 'the whole model'}, and "
+                f"{type(model).__name__} prunes {'its sub-module ' + repr(path) if path else 'the whole model'} "
+                "(prune_root); a change replays only on the architecture it was made on")
+        replay(pruned_part(model), self._example(ctx, model), change)
 
     @tricks.hookimpl
     def state_dict(self, ctx):

@@ -10,8 +10,10 @@ removes channels of groups by that name, so that a change is data (a layer name 
 indices) that :func:`apply_steps` can make again on a fresh model of the same architecture.
 
 What is never removed: the output channels of a layer that feeds the model's output (the
-classifier's classes), the channels of a group any of whose layers is excluded by name, and the
-last ``min_channels`` of a group. Grouped convolutions keep their group count: a group that holds
+classifier's classes; every tensor the model returns, in a tuple, list or dict, counts, also one
+that other layers read further: a detector backbone's stage outputs feed its feature pyramid
+outside the traced module, so their widths stay), the channels of a group any of whose layers is
+excluded by name, and the last ``min_channels`` of a group. Grouped convolutions keep their group count: a group that holds
 one is cut in *positions* (:attr:`ChannelGroup.units`), the same position of every convolution
 group at once, so the channels stay divisible by the group count and every group keeps the same
 width (Torch-Pruning's own rule); a depthwise convolution is coupled channel by channel with its
@@ -141,32 +143,59 @@ def _quiet_forward(model: nn.Module):
             m.training = mode
 
 
+def _tensors(out) -> list[torch.Tensor]:
+    """The tensors of a model's output: a tensor, or tensors in (nested) tuples, lists and dicts."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for item in out for t in _tensors(item)]
+    return []
+
+
 def build_graph(model: nn.Module, example_inputs: torch.Tensor):
-    """Torch-Pruning's dependency graph of ``model``, traced with ``example_inputs`` in eval mode."""
+    """Torch-Pruning's dependency graph of ``model``, traced with ``example_inputs`` in eval mode.
+
+    The graph also keeps (``dg.output_grad_fns``) the autograd nodes of the tensors the model
+    returned, so that :func:`find_groups` knows every output, including one that other layers of
+    the model read too (Torch-Pruning only sees the graph's dead ends)."""
     import torch_pruning as tp
+
+    outputs: list = []
+
+    def keep(out):
+        outputs.extend(t.grad_fn for t in _tensors(out) if t.grad_fn is not None)
+        return out
 
     with _quiet_forward(model):
         try:
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+            dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, output_transform=keep,
+                                                       verbose=False)
         except Exception as error:
             raise tricks.TricksError(
                 f"prune: cannot trace {type(model).__name__} to find its coupled channels "
                 f"({type(error).__name__}: {error}); structured pruning needs a model Torch-Pruning can trace") from None
+    dg.output_grad_fns = outputs
+    return dg
 
 
 def _feeds_output(dg, module: nn.Module) -> bool:
     """Whether the output channels of ``module`` reach the model's output without passing through
-    another conv or linear layer (a classifier, or a layer whose output is returned)."""
+    another conv or linear layer (a classifier, or a layer whose output is returned). An output is
+    a dead end of the graph or a tensor the model returned (``dg.output_grad_fns``, set by
+    :func:`build_graph`), such as a backbone's stage output that the next stage reads too."""
     start = dg.module2node.get(module)
     if start is None:
         return False
+    returned = getattr(dg, "output_grad_fns", ())
     stack, seen = [start], set()
     while stack:
         node = stack.pop()
         if id(node) in seen:
             continue
         seen.add(id(node))
-        if not node.outputs:
+        if not node.outputs or any(node.grad_fn is g for g in returned):
             return True
         for nxt in node.outputs:
             m = nxt.module
