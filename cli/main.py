@@ -352,6 +352,9 @@ def plugins_show(
         provides = info.meta("provides")
         console.print(f"provides: {', '.join(provides) or '-'}"
                       + (f" (exclusive: {', '.join(p for p in provides if p in EXCLUSIVE)})" if set(provides) & set(EXCLUSIVE) else ""))
+        task = info.meta("task")
+        console.print(f"tasks: {', '.join(info.meta('tasks') or ['classification'])}"
+                      + (f" (brings --task {task})" if task else ""))
         console.print(f"conflicts: {', '.join(info.meta('conflicts')) or '-'}")
         console.print(f"requires: {', '.join(info.meta('requires')) or '-'}")
         console.print(f"order: after {', '.join(info.meta('after')) or '-'}; before {', '.join(info.meta('before')) or '-'}")

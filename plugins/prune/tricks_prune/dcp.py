@@ -66,6 +66,7 @@ import contextlib
 import copy
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -453,7 +454,8 @@ def selectable(groups) -> list[tuple[object, str]]:
 
 def prune_dcp(model: nn.Module, example_inputs: Tensor, images: Tensor, labels: Tensor, ratio: float,
               heads: Mapping[str, nn.Module] | None = None, exclude: Iterable[str] = (), min_channels: int = 1,
-              alpha: float = 1.0, steps: int = DEFAULT_STEPS, log: Callable[[str], None] | None = None) -> dict:
+              alpha: float = 1.0, steps: int = DEFAULT_STEPS, log: Callable[[str], None] | None = None,
+              loss_fn: Callable[[Tensor, Any], Tensor] = F.cross_entropy, within: Iterable[str] | None = None) -> dict:
     """Prune ``model`` in place by DCP and return the change as data (like ``prune_model``).
 
     Every group :func:`selectable` finds loses ``round(ratio * channels)`` channels (at least
@@ -464,7 +466,10 @@ def prune_dcp(model: nn.Module, example_inputs: Tensor, images: Tensor, labels: 
     :func:`attach_aux_heads`; a layer in no headed stage uses the reconstruction alone) on
     ``labels`` (class indices or soft targets) weighted by ``alpha``; the channels not selected are
     removed with everything coupled to them, and the layer gets the re-optimized weights.
-    ``example_inputs``: one image the model accepts, to trace it."""
+    ``example_inputs``: one image the model accepts, to trace it. ``loss_fn(head output, labels)``
+    is the auxiliary loss (cross-entropy by default; LCP passes heads that return their loss and
+    ``lambda loss, _: loss``); ``within``, when given, names the modules whose layers alone are
+    pruned (LCP prunes a detector's backbone one stage at a time)."""
     from .graph import apply_steps, find_groups
     from .pruning import input_step
 
@@ -473,7 +478,9 @@ def prune_dcp(model: nn.Module, example_inputs: Tensor, images: Tensor, labels: 
     exclude = list(exclude)
     dg, groups = find_groups(model, example_inputs, exclude, min_channels)
     head_of = {name: heads[key] for key, name in _head_names(heads or {}).items()}
-    chosen = [(g, r) for g, r in selectable(groups) if not _feeds_heads(model, example_inputs, g, list(head_of))]
+    chosen = [(g, r) for g, r in selectable(groups)
+              if within is None or any(r.startswith(w + ".") for w in within)]
+    chosen = [(g, r) for g, r in chosen if not _feeds_heads(model, example_inputs, g, list(head_of))]
     total = sum(g.size for g, _ in chosen)
     info = {"criterion": "dcp", "scope": "layer", "target": "channels", "ratio": float(ratio), "groups": len(chosen)}
     if ratio == 0 or not chosen:
@@ -493,7 +500,7 @@ def prune_dcp(model: nn.Module, example_inputs: Tensor, images: Tensor, labels: 
         if stage_name is not None and alpha:
             stage = model.get_submodule(stage_name)
             stage_input, _ = layer_io(model, stage, images)
-            aux = stage_aux_loss(stage, reader, head_of[stage_name], stage_input, labels)
+            aux = stage_aux_loss(stage, reader, head_of[stage_name], stage_input, labels, loss_fn)
         keep, weight = select_channels(reader, x_in, target, g.size - k, aux, alpha, steps, reduction="mean")
         kept = set(keep)
         step = input_step(groups, reader_name, [i for i in range(g.size) if i not in kept])
