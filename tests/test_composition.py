@@ -126,7 +126,7 @@ def test_the_whole_bag_trains_at_once(precision, examples, tmp_path):
 
 
 @pytest.mark.parametrize("task", TASKS)
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_the_bag_of_each_task_trains_at_once(task, precision, examples, tmp_path):
     names = bag(task)
     assert names[0] == ENTRIES[names[0]].task == task and len(names) > 3, names

@@ -363,3 +363,45 @@ def test_a_resnet_d_backbone_comes_from_resnet_tweaks(tmp_path):
     run = tiny_run(plugins=["detection"], set=[*SMALL, "detection.draw=0"], out=tmp_path / "run",
                    model="fcos:resnet20-d", curves=False, **CORE)
     assert math.isfinite(run.metrics()[0]["train_loss"])
+
+
+# --- several processes -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # two processes train end to end
+def test_two_processes_report_the_map_of_the_whole_validation_set(tmp_path):
+    """``torchrun --nproc-per-node 2``: each process evaluates its shard of the validation images,
+    the predictions are gathered, and both report the mAP of the whole set; it equals the mAP of
+    the checkpointed detector evaluated here in one process."""
+    import sys
+
+    from processes import finish, start
+    from tricks.testing import make_ctx
+    from tricks_detection import Detection
+
+    out = tmp_path / "run"
+    proc = finish(start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                         "-m", "tricks.cli.main", "run", *CLI_SMALL, "--model", "fcos:resnet8", "--epochs", "4",
+                         "--set", "detection.train_images=128", "--set", "detection.digits=[1,1]",
+                         "--device", "cpu", "--set", "detection.draw=0", "--set", "detection.val_images=9",
+                         "--no-curves", "--json", "--out", str(out)], env={"TRICKS_DIST_BACKEND": "gloo"}))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run = tricks.RunDir(out)
+    row = run.metrics()[-1]
+    assert run.summary()["world_size"] == 2
+    cfg = run.run_config()
+    ctx = make_ctx(plugins=cfg.plugins, set=[f"detection.{k}={v}" for k, v in cfg.settings["detection"].model_dump().items()
+                                             if v is not None],
+                   **{k: v for k, v in cfg.core.model_dump().items() if k in ("task", "dataset", "model", "batch_size", "seed")})
+    plugin = Detection(cfg.settings["detection"])
+    data = plugin.load_data(ctx)
+    ctx.data = data
+    model = run.build_model()
+    model.eval()
+    _, val_loader = plugin.make_loaders(ctx, data)
+    with torch.no_grad():
+        figures = plugin.evaluate(ctx, model, val_loader)
+    assert figures["n"] == 9  # every validation image, in one process
+    assert row["val_map_50"] > 0  # a detector that finds something: the comparison can fail
+    assert abs(figures["reduced"]["map"] - row["val_map"]) < 1e-9
+    assert abs(figures["reduced"]["map_50"] - row["val_map_50"]) < 1e-9
