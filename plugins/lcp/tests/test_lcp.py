@@ -330,7 +330,7 @@ def test_the_job_prunes_as_l1_does_and_a_finished_job_trains_nothing_again(basel
 
     with one_torch_thread():
         l1 = lcp_job(tmp_path / "l1", method="l1", start=baseline, stage_epochs=1, finetune_epochs=1, stages=[2])
-    assert list(l1["items"]) == ["prune", "finetune"] and all(r["status"] == "ok" for r in l1["items"].values())
+    assert list(l1["items"]) == ["stage-2", "finetune"] and all(r["status"] == "ok" for r in l1["items"].values())
     l1_model = tricks.RunDir(tmp_path / "l1" / "runs" / "finetune").build_model()
     assert l1["final"]["backbone_params"] == report["final"]["backbone_params"]
     assert shapes(l1_model.state_dict()) == shapes(lcp_model.state_dict())  # the same architecture

@@ -1,16 +1,15 @@
 """Pruning a trained detector's backbone as a job of dependent runs (``tricks lcp``).
 
-For ``method`` ``lcp`` or ``dcp`` the method's stages (Xie et al., after Zhuang et al.): one run
-per backbone stage ``p`` (item ``stage-p``), which starts from the previous run's weights and
-structure (the first from the trained detector, ``--from RUN``, whose recipe every run of the job
-takes unless others are given), trains the detector with the
-auxiliary network after stage ``p`` (``L_f = L_a + L_c + L_r``) for ``stage_epochs`` epochs and
-then prunes the layers inside stage ``p`` (the lcp plugin); then ``finetune``: the pruned detector
-trained ``finetune_epochs`` epochs with the detector's losses alone. For the comparison, ``l1``
-(filter magnitude, Li et al.) and ``random``: one run (``prune``) that trains as many epochs as
-the stage runs together and prunes the same layers by the same fraction at its end (the prune
-plugin, ``scope=layer``, so every method ends with the same architecture), then the same
-``finetune``. Every run is a run directory under ``OUT/runs``; the same command continues an
+The method's stages (Xie et al., after Zhuang et al.): one run per backbone stage ``p`` (item
+``stage-p``), which starts from the previous run's weights and structure (the first from the
+trained detector, ``--from RUN``, whose recipe every run of the job takes unless others are
+given), trains for ``stage_epochs`` epochs and then prunes the layers inside stage ``p``; then
+``finetune``: the pruned detector trained ``finetune_epochs`` epochs with the detector's losses
+alone. ``lcp`` and ``dcp`` train the auxiliary network after stage ``p`` beside the detector
+(``L_f = L_a + L_c + L_r``) and select channels with it (the lcp plugin); ``l1`` (filter
+magnitude, Li et al.) and ``random`` prune the same layers by the same fraction in the same runs
+(the prune plugin, ``scope=layer``): every method has the same schedule and ends with the same
+architecture, only the selection differs. Every run is a run directory under ``OUT/runs``; the same command continues an
 interrupted job without training a finished run again.
 """
 
@@ -70,18 +69,16 @@ def plan(cfg, method: str, ratio: float, stage_epochs: int, finetune_epochs: int
                     meta={"method": method, "ratio": ratio})
 
     previous = None
-    if method in ("lcp", "dcp"):
-        for p in stages:
+    for p in stages:  # every method: the same runs, one stage pruned at the end of each; only the selection differs
+        if method in ("lcp", "dcp"):
             sets = [f"lcp.stages=[{p}]", f"lcp.ratio={ratio}", f"lcp.aux={method}",
                     *[x for x in pruning or [] if x.startswith("lcp.")]]
             items.append(item(f"stage-{p}", [*own, "lcp"], {"epochs": stage_epochs}, sets, previous))
-            previous = items[-1].id
-    else:
-        epochs = stage_epochs * len(stages)
-        exclude = [f"stages.{p}.*" for p in range(count) if p not in stages]  # names inside the backbone
-        sets = [f"prune.criterion={method}", f"prune.ratio={ratio}", "prune.scope=layer", f"prune.at={epochs}",
-                f"prune.exclude={exclude}", *[x for x in pruning or [] if x.startswith("prune.")]]
-        items.append(item("prune", [*own, "prune"], {"epochs": epochs}, sets, previous))
+        else:
+            exclude = [f"stages.{q}.*" for q in range(count) if q != p]  # names inside the backbone
+            sets = [f"prune.criterion={method}", f"prune.ratio={ratio}", "prune.scope=layer", f"prune.at={stage_epochs}",
+                    f"prune.exclude={exclude}", *[x for x in pruning or [] if x.startswith("prune.")]]
+            items.append(item(f"stage-{p}", [*own, "prune"], {"epochs": stage_epochs}, sets, previous))
         previous = items[-1].id
     items.append(item("finetune", own, {"epochs": finetune_epochs}, [], previous))
     return items
