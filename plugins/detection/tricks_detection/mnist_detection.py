@@ -362,7 +362,7 @@ def read_coco(folder, split: str) -> DetectionSet:
     folder = Path(folder)
     path = folder / "annotations" / f"instances_{split}.json"
     if not path.is_file():
-        raise TricksError(f"COCO annotations {path} not found; write the set there first (write_coco) "
+        raise TricksError(f"COCO annotations {path} not found; write a set there first (tricks detection-data --out FOLDER) "
                           f"or point at the folder that holds annotations/instances_{split}.json")
     try:
         coco = json.loads(path.read_text())
