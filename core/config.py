@@ -517,16 +517,14 @@ def _with_task_provider(names: list[str], task: str | None, catalog: Catalog, ad
 
 def _check_tasks(task: str, infos: list, adhoc: list[Plugin]) -> None:
     """Refuse a plugin that does not work in the run's task (mixup on a detector's boxes)."""
-    for info in infos:
-        tasks = info.meta("tasks") or ["classification"]
-        if task not in tasks and "*" not in tasks and info.meta("task") != task:
-            raise TricksError(f"plugin '{info.name}' does not apply to the {task} task: it works for {', '.join(tasks)} "
-                              f"(its registry entry's tasks); leave it out of this run, or run it with --task {tasks[0]}")
-    for plugin in adhoc:
-        tasks = list(getattr(plugin, "tasks", ("classification",)))
-        if task not in tasks and "*" not in tasks and getattr(plugin, "task", None) != task:
-            raise TricksError(f"plugin '{getattr(plugin, 'name', '') or type(plugin).__name__}' does not apply to the "
-                              f"{task} task: it works for {', '.join(tasks)} (its class's tasks); leave it out of this run")
+    described = [(info.name, info.meta("tasks") or ["classification"], info.meta("task"), "its registry entry's tasks")
+                 for info in infos]
+    described += [(getattr(p, "name", "") or type(p).__name__, list(getattr(p, "tasks", ("classification",))),
+                   getattr(p, "task", None), "its class's tasks") for p in adhoc]
+    for name, tasks, brings, where in described:
+        if task not in tasks and "*" not in tasks and brings != task:
+            raise TricksError(f"plugin '{name}' does not apply to the {task} task: it works for {', '.join(tasks)} "
+                              f"({where}); leave it out of this run, or run it with --task {tasks[0]}")
 
 
 def _with_model_provider(names: list[str], model: str | None, catalog: Catalog, adhoc: list[str]) -> list[str]:
