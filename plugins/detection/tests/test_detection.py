@@ -171,7 +171,7 @@ def test_batches_hold_per_image_targets_and_validation_is_every_image_once_unaug
 # --- detectors ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model", ["fcos:resnet8", "retinanet:resnet8", "ssd:resnet8", "fasterrcnn:resnet8",
+@pytest.mark.parametrize("model", ["fcos:resnet8", "retinanet:resnet8", "ssd:resnet8", "ssdlite:resnet8", "fasterrcnn:resnet8",
                                    "retinanet:regnetx_200mf"])  # the last: a backbone from the regnet plugin
 def test_each_detector_trains_a_step_and_is_evaluated(tmp_path, model):
     run = tiny_run(plugins=["detection"], set=[*SMALL, "detection.draw=0"], out=tmp_path / "run", model=model,
@@ -229,7 +229,9 @@ def test_fcos_learns_to_find_one_digit(tmp_path):
     (["--task", "detection", "--model", "fcos:resnet8", "--dataset", "mnist_detection"], ["mnist_detection", "--data-dir"]),
     (["--task", "detection", "--model", "fcos:resnet8", "--dataset", "coco", "--data-dir", "NONEXISTENT"],
      ["NONEXISTENT", "instances_train.json"]),
-], ids=["mixup", "misspelt-task", "detector-without-task", "classifier-as-detector", "cifar10", "mnist-no-dir", "coco-no-dir"])
+    (["--task", "detection", "--plugins", "kd", "--model", "fcos:resnet8"], ["kd", "detection", "anchors"]),
+], ids=["mixup", "misspelt-task", "detector-without-task", "classifier-as-detector", "cifar10", "mnist-no-dir", "coco-no-dir",
+        "kd"])
 def test_a_refusal_is_one_line_with_status_2(tmp_path, args, fragments):
     dataset = [] if "--dataset" in args else ["--dataset", "digits_detection"]
     sets = [arg for s in SMALL for arg in ("--set", s)] if "--task" in args and "detektion" not in args else []

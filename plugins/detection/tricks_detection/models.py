@@ -1,13 +1,15 @@
 """torchvision's detectors, untrained, on the project's own backbones.
 
-A model name is ``DETECTOR:BACKBONE``: ``fcos``, ``retinanet``, ``ssd`` or ``fasterrcnn``, on any
+A model name is ``DETECTOR:BACKBONE``: ``fcos``, ``retinanet``, ``ssd``, ``ssdlite`` or ``fasterrcnn``, on any
 backbone with a ``stem`` and ``stages``: the core's CIFAR ResNets ``resnet8``...``resnet110`` and
 ``resnet18/34/50``, the ``resnet_tweaks`` plugin's ResNet-B/C/D (``resnet50-d``: the core's name and
 the variant), the ``regnet`` plugin's zoo (``regnetx_200mf``; a plugin backbone is built with that
 plugin's default settings). The detector reads the outputs of the backbone's last ``levels`` stages:
 through a feature pyramid (``torchvision.ops.FeaturePyramidNetwork``) for FCOS, RetinaNet (both
 with two extra levels, P6 and P7) and Faster R-CNN; directly, plus one extra stride-2 level, for
-SSD. The images reach the detector at the data set's size and already normalized: the detectors'
+SSD and SSDlite (SSD with torchvision's SSDlite head: depthwise-separable 3x3 convolutions, two
+aspect-ratio pairs per location). Every detector takes label smoothing on its classification head
+(:mod:`.smoothing`). The images reach the detector at the data set's size and already normalized: the detectors'
 own transform neither resizes nor normalizes them (:class:`KeepSize`).
 """
 
@@ -20,19 +22,22 @@ from collections import OrderedDict
 
 import torch
 from torch import nn
-from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
+from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSRegressionHead
 from torchvision.models.detection.retinanet import RetinaNetHead
-from torchvision.models.detection.ssd import SSD, SSDHead
+from torchvision.models.detection.ssd import SSDHead
+from torchvision.models.detection.ssdlite import SSDLiteHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from tricks.errors import TricksError
 
-DETECTORS = ("fcos", "retinanet", "ssd", "fasterrcnn")
+from .smoothing import (FasterRCNNDetector, FCOSDetector, RetinaNetDetector, SmoothedFCOSHead, SmoothedRetinaNetClassificationHead,
+                        SmoothedRoIHeads, SSDDetector)
+
+DETECTORS = ("fcos", "retinanet", "ssd", "ssdlite", "fasterrcnn")
 
 
 class KeepSize(GeneralizedRCNNTransform):
@@ -160,19 +165,22 @@ def build_detector(ctx, name: str, settings) -> nn.Module:
         strides = strides + [strides[-1] * 2, strides[-1] * 4]
         if kind == "fcos":
             anchors = AnchorGenerator(tuple((s,) for s in strides), ((1.0,),) * len(strides))
-            head = FCOSHead(width, 1, classes, num_convs=settings.head_convs)
+            head = SmoothedFCOSHead(width, 1, classes, num_convs=settings.head_convs)
+            head.smoothing_classes = classes - 1  # sigmoid: the real classes' columns
             # group norm with 8 channels a group (torchvision's FCOS: 32 groups of 256): at a small
             # width, 32 groups of one channel cannot be normalized on the coarsest (1x1) levels
             norm = functools.partial(nn.GroupNorm, max(1, width // 8))
             head.classification_head = FCOSClassificationHead(width, 1, classes, settings.head_convs, norm_layer=norm)
             head.regression_head = FCOSRegressionHead(width, 1, settings.head_convs, norm_layer=norm)
-            model = FCOS(features, classes, anchor_generator=anchors, head=head, score_thresh=settings.score_threshold,
+            model = FCOSDetector(features, classes, anchor_generator=anchors, head=head, score_thresh=settings.score_threshold,
                          topk_candidates=settings.detections_per_image, **common)
         else:
             octave = (1.0, 2 ** (1 / 3), 2 ** (2 / 3))
             anchors = AnchorGenerator(tuple(tuple(4 * s * o for o in octave) for s in strides), ((0.5, 1.0, 2.0),) * len(strides))
             head = RetinaNetHead(width, anchors.num_anchors_per_location()[0], classes)
-            model = RetinaNet(features, classes, anchor_generator=anchors, head=head, score_thresh=settings.score_threshold,
+            head.classification_head.__class__ = SmoothedRetinaNetClassificationHead  # the same module, with the seam
+            head.classification_head.smoothing_classes = classes - 1
+            model = RetinaNetDetector(features, classes, anchor_generator=anchors, head=head, score_thresh=settings.score_threshold,
                               topk_candidates=settings.detections_per_image, **common)
     elif kind == "fasterrcnn":
         features = WithFPN(body, [c for c, _ in shapes], width, LastLevelMaxPool())
@@ -181,23 +189,32 @@ def build_detector(ctx, name: str, settings) -> nn.Module:
         names = [str(i) for i in range(len(shapes))]
         pool = MultiScaleRoIAlign(featmap_names=names, output_size=7, sampling_ratio=2)
         hidden = 4 * width
-        model = FasterRCNN(features, rpn_anchor_generator=anchors, box_roi_pool=pool,
+        model = FasterRCNNDetector(features, rpn_anchor_generator=anchors, box_roi_pool=pool,
                            box_head=TwoMLPHead(width * 49, hidden), box_predictor=FastRCNNPredictor(hidden, classes),
                            box_score_thresh=settings.score_threshold,
                            **{("box_detections_per_img" if k == "detections_per_img" else k): v for k, v in common.items()})
-    else:  # ssd
+        model.roi_heads.__class__ = SmoothedRoIHeads  # the same module, with the seam
+        model.roi_heads.smoothing_classes = classes
+    else:  # ssd, ssdlite
         features = WithExtra(body, shapes[-1][0])
         channels = [c for c, _ in shapes] + [shapes[-1][0]]
         steps = strides + [strides[-1] * 2]
         levels = len(channels)
-        boxes = DefaultBoxGenerator([[2]] * levels, min_ratio=0.15, max_ratio=0.9, steps=steps)
-        head = SSDHead(channels, boxes.num_anchors_per_location(), classes)
-        model = SSD(features, boxes, (size, size), classes, head=head, score_thresh=settings.score_threshold,
+        if kind == "ssd":
+            boxes = DefaultBoxGenerator([[2]] * levels, min_ratio=0.15, max_ratio=0.9, steps=steps)
+            head = SSDHead(channels, boxes.num_anchors_per_location(), classes)
+        else:  # torchvision's SSDlite: aspect ratios 2 and 3, batch norm with its momentum and eps
+            boxes = DefaultBoxGenerator([[2, 3]] * levels, min_ratio=0.2, max_ratio=0.95, steps=steps)
+            norm = functools.partial(nn.BatchNorm2d, eps=0.001, momentum=0.03)
+            head = SSDLiteHead(channels, boxes.num_anchors_per_location(), classes, norm)
+        model = SSDDetector(features, boxes, (size, size), classes, head=head, score_thresh=settings.score_threshold,
                     topk_candidates=settings.detections_per_image,
                     **{k: v for k, v in common.items() if k not in ("min_size", "max_size")})
+        model.smoothing_classes = classes  # softmax over the background and the real classes
     # the part channel pruning changes (tricks_prune reads prune_root): the backbone's stem and
     # stages; the feature pyramid and the heads keep their widths, so the stage outputs stay too
     model.prune_root = "backbone.body"
     model.transform = KeepSize(size, size, [0.0] * chans, [1.0] * chans,
-                               size_divisible=1 if kind == "ssd" else 32, fixed_size=(size, size) if kind == "ssd" else None)
+                               size_divisible=1 if kind.startswith("ssd") else 32,
+                               fixed_size=(size, size) if kind.startswith("ssd") else None)
     return model

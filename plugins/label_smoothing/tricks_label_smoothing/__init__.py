@@ -80,9 +80,12 @@ class LabelSmoothingSettings(tricks.Settings):
 
 
 class LabelSmoothing(tricks.Plugin):
-    """Train against smoothed targets: wraps the loss in force and hands it smoothed distributions."""
+    """Train against smoothed targets: wraps the loss in force and hands it smoothed distributions.
+    In a detection run the detector smooths its classification head's targets itself
+    (``model.set_label_smoothing``; see the detection plugin)."""
 
     Settings = LabelSmoothingSettings
+    tasks = ("classification", "detection")
 
     @tricks.hookimpl(wrapper=True)
     def build_loss(self, ctx):
@@ -95,9 +98,19 @@ class LabelSmoothing(tricks.Plugin):
             raise tricks.TricksError(
                 f"label_smoothing.epsilon={s.epsilon} with form=paper and {k} classes puts less mass on the true class "
                 f"than on each other class; use epsilon <= {(k - 1) / k:.4g}")
+        epsilon, form = s.epsilon, s.form
+        task = getattr(ctx.core, "task", "classification")
+        if task != "classification":
+            # a detector computes its losses inside the model: it smooths its own classification
+            # head's targets, given the (on, off) of its class count
+            seam = getattr(ctx.model, "set_label_smoothing", None)
+            if seam is None:
+                raise tricks.TricksError(f"label_smoothing: the {task} model '{ctx.core.model}' has no classification head "
+                                         "that takes smoothed targets (no set_label_smoothing); drop label_smoothing from --plugins")
+            seam(None if epsilon == 0 else (lambda classes: smoothing_values(epsilon, classes, form)))
+            return loss
         if s.epsilon == 0:
             return loss  # identity: the loss in force, unchanged
-        epsilon, form = s.epsilon, s.form
 
         def smoothed(output, batch):
             return loss(output, {**batch, "target": smooth_targets(batch["target"], epsilon, k, form)})
