@@ -265,7 +265,7 @@ class CoreSettings(Settings):
     """The training core's settings (section ``core`` of a config)."""
 
     model: str = Field("resnet20", description="model name: resnet8/14/20/32/44/56/110, resnet18/34/50 (CIFAR-style), or timm:NAME")
-    task: str = Field("classification", description="the task: classification (the core's), or one a plugin brings (detection)")
+    task: str = Field("classification", description="the task: classification (the core's), or one a plugin brings (detection, retrieval)")
     dataset: str = Field("digits", description="digits (bundled), mnist (torchvision's MNIST/raw layout), cifar10, cifar100, npz (a folder of .npz shards) or imagefolder")
     data_dir: str | None = Field(None, description="where the data set lies (not used by digits)")
     download: bool = Field(False, description="allow torchvision to download CIFAR or MNIST into data_dir")
