@@ -22,7 +22,9 @@ pytestmark = pytest.mark.slow  # every test here trains end to end
 
 ENTRIES = {name: entry for name, (entry, _) in load_registry_file(default_registry_file()).items()}
 NAMES = sorted(ENTRIES)
-FEW_STEPS = dict(train_limit=64, val_limit=32)  # tiny_run with two steps of 32 digits, a small validation set
+# tiny_run with two steps of 32 digits, a small validation set; no curves.png (tested elsewhere; a plot
+# per run would be a third of the cost of these hundreds of runs)
+FEW_STEPS = dict(train_limit=64, val_limit=32, curves=False)
 
 
 def few_steps(names: list[str]) -> dict:
