@@ -103,7 +103,7 @@ def chart(rows: list[dict], summary: list[dict], path: Path) -> None:
 
     ratios = sorted({r["ratio"] for r in rows if r["method"] not in UNPRUNED})
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
-    fig, axes = plt.subplots(1, len(FIGURES), figsize=(12, 3.8))
+    fig, axes = plt.subplots(1, len(FIGURES), figsize=(13, 4.2))
     colors = dict(zip(METHODS, ("tab:red", "tab:orange", "tab:blue", "tab:gray")))
     for ax, (key, name) in zip(axes, FIGURES):
         for method, color, label in (("none", "green", "unpruned (band: seeds)"),
@@ -116,22 +116,21 @@ def chart(rows: list[dict], summary: list[dict], path: Path) -> None:
         # selection that broke the detector) is drawn at the bottom edge with its value
         unpruned = [r[key] for r in rows if r["method"] in UNPRUNED]
         low = max(0.0, min(unpruned) - 0.12)
+        notes: dict[int, list[str]] = {}  # per ratio: the seeds below the axis
         for j, m in enumerate(methods):
             shift = (j - (len(methods) - 1) / 2) * 0.12
             for i, ratio in enumerate(ratios):
                 points = [r[key] for r in rows if r["method"] == m and r["ratio"] == ratio]
                 inside = [p for p in points if p >= low]
                 ax.scatter([i + shift] * len(inside), inside, color=colors[m], s=14, alpha=0.6)
-                for p in (p for p in points if p < low):
-                    ax.scatter([i + shift], [low], color=colors[m], marker="v", s=30, clip_on=False)
-                    ax.annotate(f"{p:.2f}", (i + shift, low), textcoords="offset points", xytext=(4, 3), fontsize=7,
-                                color=colors[m])
+                below = [p for p in points if p < low]
+                if below:
+                    ax.scatter([i + shift] * len(below), [low] * len(below), color=colors[m], marker="v", s=30, clip_on=False)
+                    notes.setdefault(i, []).append(f"{m} {', '.join(f'{p:.2f}' for p in below)}")
             means = [next((s[key] for s in summary if s["method"] == m and s["ratio"] == ratio), float("nan")) for ratio in ratios]
             ax.plot([i + shift for i in range(len(ratios))], means, "_", color=colors[m], ms=18, mew=2.5, label=m)
-            for i, mean in enumerate(means):
-                if mean < low:
-                    ax.annotate(f"mean {mean:.2f}", (i + shift, low), textcoords="offset points", xytext=(4, 12),
-                                fontsize=7, color=colors[m])
+        for i, lines in notes.items():
+            ax.text(i, low, "below the axis:\n" + "\n".join(lines), ha="center", va="bottom", fontsize=7, color="dimgray")
         removed = [next(s["removed"] for s in summary if s["ratio"] == ratio) for ratio in ratios]
         ax.set_xticks(range(len(ratios)), [f"{100 * r:.0f}% removed" for r in removed])
         ax.set_xlim(-0.6, len(ratios) - 0.4)
