@@ -158,8 +158,12 @@ class AblationProgress:
     def run_end(self, index, result):
         self._done()
         if not self.quiet:
-            self.console.print(f"{result.configuration:<40} seed {result.seed}:  final {100 * result.final_val_acc:.2f}%  "
-                               f"best {100 * result.best_val_acc:.2f}%  {result.seconds:.0f}s", markup=False, highlight=False)
+            if result.metric == "val_acc":
+                figures = f"final {100 * result.final:.2f}%  best {100 * result.best:.2f}%"
+            else:
+                figures = f"final {result.metric} {result.final:.4f}  best {result.best:.4f}"
+            self.console.print(f"{result.configuration:<40} seed {result.seed}:  {figures}  {result.seconds:.0f}s",
+                               markup=False, highlight=False)
 
     def run_failed(self, index, config, seed, message):
         self._done()
@@ -176,7 +180,11 @@ class AblationProgress:
     def finish(self, rows, out):
         self.progress.stop()
         if not self.quiet:
-            table = Table(title="ablation: validation accuracy (%), mean ± sd over seeds", show_edge=False)
+            metric = rows[0].get("metric", "val_acc") if rows else "val_acc"
+            from tricks.ablate import metric_title
+
+            what = "validation accuracy (%)" if metric == "val_acc" else metric_title(metric)
+            table = Table(title=f"ablation: {what}, mean ± sd over seeds", show_edge=False)
             table.add_column("configuration", overflow="fold")
             for col in ("seeds", "final", "best", "Δ final", "Δ best", "s/run"):  # numbers are never wrapped
                 table.add_column(col, justify="right", no_wrap=True)

@@ -8,8 +8,10 @@ An ablation is a job (:mod:`tricks.jobs`): its directory holds ``job.json`` (the
 ``results/ID.json`` (one per finished run), ``runs/<configuration>/[<grid point>/]seed<k>/``
 (ordinary run directories), and the tables: ``results.csv`` (one row per finished run),
 ``table.md`` and ``table.csv`` (one row per configuration and grid point: mean and spread over
-seeds, delta against the baseline at the same grid point, time) and ``chart.png``. The tables are
-rewritten atomically after every run. Running the same ablation again continues it with the
+seeds, delta against the baseline at the same grid point, time) and ``chart.png``. The figures are
+the validation accuracy, or for a task with a metric of its own (``--task retrieval``: MAP@R;
+detection: mAP) that metric, x100, with the columns named for it (``final_val_map_at_r``,
+``final_map_at_r``). The tables are rewritten atomically after every run. Running the same ablation again continues it with the
 engine's resume policy: finished runs are kept, an interrupted one resumes from its checkpoint.
 
 A run whose training loss became non-finite is ``diverged``: its row in ``results.csv`` says so
@@ -33,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from . import atomic
-from .config import CORE, parse_set, read_recipe, resolve
+from .config import CORE, _core_value, parse_set, read_recipe, resolve
 from .errors import TricksError
 from .jobs import Item, Job, JobProgress, check_writable, run_job
 from .registry import Catalog
@@ -138,18 +140,21 @@ def expand(configs: list[Configuration], grid: list[tuple[str, list[str]]]) -> l
 @dataclass
 class RunResult:
     """One run of the ablation: finished (``ok``) or ``diverged`` (its figures are NaN; ``message``
-    says where its loss became non-finite)."""
+    says where its loss became non-finite). ``final`` and ``best`` are the run's ``metric`` (a
+    fraction): the validation accuracy of a classification run, a task's own metric otherwise
+    (detection: ``val_map``; retrieval: ``val_map_at_r``)."""
 
     configuration: str
     slug: str
     seed: int
-    final_val_acc: float
-    best_val_acc: float
+    final: float
+    best: float
     final_val_loss: float
     seconds: float
     run_dir: str
     status: str = "ok"
     message: str = ""
+    metric: str = "val_acc"
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -158,7 +163,8 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 
 
 def summarize(configs: list[Configuration], results: list[RunResult]) -> list[dict]:
-    """One row per configuration with finished or diverged runs: accuracy in %, mean and sample
+    """One row per configuration with finished or diverged runs: the runs' metric in % (the
+    accuracy of a classification run; ``metric`` names it), mean and sample
     standard deviation over the seeds that finished (NaN where none did), how many diverged
     (``diverged``, ``status``: ok, partly diverged, diverged), and the difference of the means
     from the baseline's at the same grid point (NaN, with a ``note``, where either of them has a
@@ -171,11 +177,11 @@ def summarize(configs: list[Configuration], results: list[RunResult]) -> list[di
         done = [r for r in mine if r.status == "ok"]
         lost = [r for r in mine if r.status != "ok"]
         nan2 = (math.nan, math.nan)
-        final, final_sd = _mean_sd([100 * r.final_val_acc for r in done]) if done else nan2
-        best, best_sd = _mean_sd([100 * r.best_val_acc for r in done]) if done else nan2
+        final, final_sd = _mean_sd([100 * r.final for r in done]) if done else nan2
+        best, best_sd = _mean_sd([100 * r.best for r in done]) if done else nan2
         status = "ok" if not lost else "diverged" if not done else "partly diverged"
-        rows.append(dict(configuration=c.label, plugins=" ".join(c.plugins) or "-", **c.point, seeds=len(done),
-                         diverged=len(lost), status=status, final_acc=final, final_sd=final_sd, best_acc=best,
+        rows.append(dict(configuration=c.label, plugins=" ".join(c.plugins) or "-", **c.point, metric=_metric(mine),
+                         seeds=len(done), diverged=len(lost), status=status, final_acc=final, final_sd=final_sd, best_acc=best,
                          best_sd=best_sd, seconds=statistics.fmean(r.seconds for r in done) if done else math.nan,
                          note=_diverged_note(lost, len(mine))))
         used.append(c)
@@ -197,6 +203,16 @@ def summarize(configs: list[Configuration], results: list[RunResult]) -> list[di
     return rows
 
 
+def _metric(results: list[RunResult]) -> str:
+    """The metric of the runs (every run of an ablation has its task's)."""
+    return next((r.metric for r in results if r.status == "ok"), results[0].metric if results else "val_acc")
+
+
+def metric_title(metric: str) -> str:
+    """How the tables title a metric shown in %: ``val acc (%)``, ``val_map (x100)``."""
+    return "val acc (%)" if metric == "val_acc" else f"{metric} (x100)"
+
+
 def _diverged_note(lost: list[RunResult], runs: int) -> str:
     if not lost:
         return ""
@@ -210,7 +226,8 @@ def _number(value: float, text: str) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| configuration | seeds | final val acc (%) | best val acc (%) | delta final | delta best | time per run (s) |",
+    what = metric_title(rows[0].get("metric", "val_acc")) if rows else metric_title("val_acc")
+    lines = [f"| configuration | seeds | final {what} | best {what} | delta final | delta best | time per run (s) |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         diverged = r.get("diverged", 0)
@@ -242,6 +259,16 @@ TABLE_COLUMNS = ["configuration", "plugins", "seeds", "diverged", "status", "fin
                  "best_sd", "delta_final", "delta_best", "seconds", "note"]
 RESULT_COLUMNS = ["configuration", "slug", "seed", "status", "final_val_acc", "best_val_acc", "final_val_loss", "seconds",
                   "run_dir", "message"]
+
+
+def _named(columns: list[str], metric: str) -> list[str]:
+    """The columns with the accuracy's named for ``metric`` (``final_val_map``, ...)."""
+    if metric == "val_acc":
+        return list(columns)
+    short = metric.removeprefix("val_")
+    names = {"final_val_acc": f"final_{metric}", "best_val_acc": f"best_{metric}",
+             "final_acc": f"final_{short}", "best_acc": f"best_{short}"}
+    return [names.get(c, c) for c in columns]
 
 
 def plot_chart(rows: list[dict], path: Path, title: str) -> None:
@@ -277,7 +304,8 @@ def plot_chart(rows: list[dict], path: Path, title: str) -> None:
         if i not in shown:
             ax.text(ax.get_xlim()[0], i, "  diverged", va="center", ha="left", color="tab:red", fontsize=9)
     ax.set_yticks(list(y), labels)
-    ax.set_xlabel("validation accuracy (%)")
+    metric = rows[0].get("metric", "val_acc")
+    ax.set_xlabel("validation accuracy (%)" if metric == "val_acc" else metric_title(metric))
     ax.set_title(textwrap.fill(title, 70), fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8, frameon=False)
@@ -290,9 +318,13 @@ def write_results(out: Path, configs: list[Configuration], results: list[RunResu
                   grid_keys: list[str] = ()) -> list[dict]:
     rows = summarize(configs, results)
     points = {c.slug: c.point for c in configs}
-    atomic.write_text(out / "results.csv", csv_text([{**r.__dict__, **points.get(r.slug, {})} for r in results],
-                                                    RESULT_COLUMNS[:2] + list(grid_keys) + RESULT_COLUMNS[2:]))
-    atomic.write_text(out / "table.csv", csv_text(rows, TABLE_COLUMNS[:2] + list(grid_keys) + TABLE_COLUMNS[2:]))
+    metric = _metric(results)
+    runs = [{**r.__dict__, "final_val_acc": r.final, "best_val_acc": r.best, **points.get(r.slug, {})} for r in results]
+    atomic.write_text(out / "results.csv", csv_text(
+        [dict(zip(_named(list(r), metric), r.values())) for r in runs],
+        _named(RESULT_COLUMNS[:2] + list(grid_keys) + RESULT_COLUMNS[2:], metric)))
+    atomic.write_text(out / "table.csv", csv_text([dict(zip(_named(list(r), metric), r.values())) for r in rows],
+                                                  _named(TABLE_COLUMNS[:2] + list(grid_keys) + TABLE_COLUMNS[2:], metric)))
     atomic.write_text(out / "table.md", f"# {title}\n\n" + markdown_table(rows))
     if rows:
         plot_chart(rows, out / "chart.png", title)
@@ -350,7 +382,12 @@ def ablate(
     configs = expand(base_configs, grid_items)
     data = read_recipe(recipe) if isinstance(recipe, (str, Path)) else dict(recipe or {})
     sets, overrides = list(sets or []), {k: v for k, v in (overrides or {}).items() if v is not None}
-    everything = {p for c in base_configs for p in c.plugins}
+    catalog = Catalog(registries)
+    # the plugin a --task brings (retrieval, detection) is in every configuration
+    task = _core_value(data, overrides, sets, "task")
+    provider = catalog.task_provider(task) if task and task != "classification" else None
+    brought = [provider] if provider else []
+    everything = {p for c in base_configs for p in c.plugins} | set(brought)
     for what, named in (("--set", {parse_set(s)[0] for s in sets}), ("--grid", {k.split(".")[0] for k, _ in grid_items})):
         stray = sorted(named - everything - {CORE})
         if stray:
@@ -361,7 +398,6 @@ def ablate(
         raise TricksError(f"'{both[0]}' is in --set and in --grid; keep it in one of them")
 
     # resolve every run before training any: a conflict or a bad setting stops here
-    catalog = Catalog(registries)
     first_seed = None
     items, where = [], {}
     for k in range(seeds):  # seed-major: a full table early
@@ -369,7 +405,7 @@ def ablate(
             point_sets = [f"{key}={value}" for key, value in c.point.items()]
             try:
                 cfg = resolve(plugins=c.plugins, recipe=data, overrides=overrides,
-                              sets=split_sets(sets, c.plugins) + point_sets, catalog=catalog)
+                              sets=split_sets(sets, c.plugins + brought) + point_sets, catalog=catalog)
                 if first_seed is None:
                     first_seed = cfg.core.seed
                 seed = first_seed + k
@@ -398,8 +434,9 @@ def ablate(
                              run_dir, "diverged", result.get("message") or "")
         if result["status"] != "ok":
             return None
-        return RunResult(c.label, c.slug, seed, result["final_val_acc"], result["best_val_acc"],
-                         result["final_val_loss"], result["train_seconds"], run_dir)
+        metric = result.get("metric") or "val_acc"
+        return RunResult(c.label, c.slug, seed, result[f"final_{metric}"], result[f"best_{metric}"],
+                         result["final_val_loss"], result["train_seconds"], run_dir, metric=metric)
 
     def tell(name: str, *args) -> None:  # a reporter may leave out the methods it has no use for
         method = getattr(reporter, name, None)

@@ -1,10 +1,11 @@
 """The retrieval task: the class-balanced sampler (m images of each class per batch, from the seed
 and the epoch, per process), Recall@K and MAP@R on hand-made embeddings and against a brute-force
 count, the class split, the gathering of the processes' shares, the plugin contract (with an exact
-resume), CLI runs with the baseline loss and with circle_loss, and the refusals."""
+resume), a run with the baseline loss, an ablation of circle_loss against it (its tables of MAP@R), and the refusals."""
 
 from __future__ import annotations
 
+import csv
 import math
 
 import pytest
@@ -181,19 +182,36 @@ def test_the_plugin_contract():
     check_plugin("retrieval", precisions=("fp32", "bf16"))
 
 
-def test_a_cli_run_with_circle_loss(tmp_path):
-    """The console script's entry point, called in this process (a fresh one only adds its start-up)."""
-    out = tmp_path / "run"
-    code, stdout, stderr = cli_in_process("run", "--task", "retrieval", "--plugins", "circle_loss", *TINY, "--epochs", "1",
-                                          "--set", "retrieval.per_class=8", "--out", str(out))
+def test_an_ablation_of_circle_loss_against_the_baseline_tabulates_the_retrieval_metric(tmp_path):
+    """The console script's entry point, called in this process (a fresh one only adds its start-up):
+    the baseline (triplet) and circle_loss, one epoch each, and tables of MAP@R, not accuracy."""
+    out = tmp_path / "ablation"
+    code, stdout, stderr = cli_in_process("ablate", "--task", "retrieval", "--plugins", "circle_loss", *TINY,
+                                          "--epochs", "1", "--set", "retrieval.per_class=8", "--out", str(out))
     assert code == 0, stderr
-    assert "val_map_at_r" in stdout
-    [row] = read_jsonl(out / "metrics.jsonl")
-    assert row["step"] == 4 and math.isfinite(row["train_loss"]) and row["train_loss"] > 0
-    for key in ("val_recall_at_1", "val_recall_at_2", "val_recall_at_4", "val_recall_at_8", "val_map_at_r"):
-        assert 0.0 <= row[key] <= 1.0, key
-    config = tricks.RunDir(out).config()
-    assert sorted(config["plugins"]) == ["circle_loss", "retrieval"] and config["core"]["task"] == "retrieval"
+    assert "val_map_at_r" in stdout and "Traceback" not in stderr
+    runs = sorted((out / "runs").glob("*/seed*"))
+    assert len(runs) == 2
+    finals = {}
+    for run in runs:
+        [row] = read_jsonl(run / "metrics.jsonl")
+        assert row["step"] == 4 and math.isfinite(row["train_loss"]) and row["train_loss"] > 0
+        for key in ("val_recall_at_1", "val_recall_at_2", "val_recall_at_4", "val_recall_at_8", "val_map_at_r"):
+            assert 0.0 <= row[key] <= 1.0, key
+        config = tricks.RunDir(run).config()
+        assert config["core"]["task"] == "retrieval"
+        finals[" ".join(sorted(config["plugins"]))] = row["val_map_at_r"]
+    assert sorted(finals) == ["circle_loss retrieval", "retrieval"]
+    with open(out / "results.csv") as f:
+        results = {r["slug"]: r for r in csv.DictReader(f)}
+    assert float(results["baseline"]["final_val_map_at_r"]) == pytest.approx(finals["retrieval"], abs=1e-4)
+    assert "final_val_acc" not in results["baseline"]
+    with open(out / "table.csv") as f:
+        table = list(csv.DictReader(f))
+    assert float(table[1]["final_map_at_r"]) == pytest.approx(100 * finals["circle_loss retrieval"], abs=1e-2)
+    assert float(table[1]["delta_final"]) == pytest.approx(100 * (finals["circle_loss retrieval"] - finals["retrieval"]),
+                                                            abs=1e-2)
+    assert "| final val_map_at_r (x100) |" in (out / "table.md").read_text()
 
 
 def test_the_baseline_loss_is_pytorch_metric_learnings_and_circle_loss_replaces_it():
