@@ -11,6 +11,10 @@ writes into ``out``:
                   validation loss, finished epochs, parameters, training seconds
     compare.csv   the same rows, numbers at full precision (accuracies as fractions), with run_dir
 
+Runs of a task with a metric of its own (retrieval: ``val_map_at_r``; detection: ``val_map``, as
+their summaries name it) are compared by that metric instead of the accuracy, in the third panel
+and the table's columns (``final_val_map_at_r``, ...), when every run has it.
+
 Labels: an ablation's runs by configuration and seed, a sampling job's networks (and any other
 job's items) by their id, other runs by their plugins plus the settings in which they differ from
 the other such runs (``mixup [core.lr=0.05]``). Everything is read through :class:`tricks.RunDir`;
@@ -39,6 +43,18 @@ COLUMNS = ["label", "final_val_acc", "best_val_acc", "best_epoch", "final_val_lo
 # Curves: (metric key, panel title, scale); accuracy is drawn in per cent.
 CURVES = [("train_loss", "train loss", 1.0), ("val_loss", "validation loss", 1.0),
           ("val_acc", "validation accuracy (%)", 100.0)]
+
+
+def shared_metric(runs: list[Run]) -> str:
+    """The metric the runs are compared by: their summaries' ``metric`` when every run names the
+    same one, else the validation accuracy."""
+    names = {(r.run.summary() or {}).get("metric") or "val_acc" for r in runs}
+    return names.pop() if len(names) == 1 else "val_acc"
+
+
+def columns(metric: str = "val_acc") -> list[str]:
+    """The CSV's columns, the final and best figures named for ``metric``."""
+    return [c.replace("val_acc", metric) for c in COLUMNS]
 LEGEND_MAX = 20  # more lines than this are drawn without a legend
 _RECORDS = ("plugins", "versions", "adhoc_plugins")  # config sections that record a run rather than decide it
 
@@ -178,17 +194,18 @@ def _disambiguate(runs: list[Run]) -> None:
 
 
 # --- the table ---------------------------------------------------------------------------------------
-def table_row(r: Run) -> dict:
-    """Final and best figures of one run, read from its metrics rows (and its summary for params)."""
+def table_row(r: Run, metric: str = "val_acc") -> dict:
+    """Final and best figures of one run (of ``metric``), read from its metrics rows (and its
+    summary for params)."""
     rows = r.rows or []
-    accs = [(row["val_acc"], row.get("epoch")) for row in rows if row.get("val_acc") is not None]
+    accs = [(row[metric], row.get("epoch")) for row in rows if row.get(metric) is not None]
     best = max(accs, key=lambda a: a[0]) if accs else (None, None)  # the first epoch with the best accuracy
     summary = r.run.summary() or {}
     params = summary.get("params", next((row["params"] for row in reversed(rows) if "params" in row), None))
     return {
         "label": r.label,
-        "final_val_acc": rows[-1].get("val_acc"),
-        "best_val_acc": best[0],
+        f"final_{metric}": rows[-1].get(metric),
+        f"best_{metric}": best[0],
         "best_epoch": best[1],
         "final_val_loss": rows[-1].get("val_loss"),
         "epochs": len(rows),
@@ -202,13 +219,21 @@ def _fmt(value, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
+def _row_metric(rows: list[dict]) -> str:
+    """The metric the rows of :func:`table_row` hold (``final_<metric>``)."""
+    return next((k.removeprefix("final_") for k in (rows[0] if rows else ()) if k.startswith("final_")
+                 and k != "final_val_loss"), "val_acc")
+
+
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| run | final val acc (%) | best val acc (%) | best epoch | final val loss | epochs | params | train time (s) |",
+    metric = _row_metric(rows)
+    what = "val acc (%)" if metric == "val_acc" else f"{metric} (x100)"
+    lines = [f"| run | final {what} | best {what} | best epoch | final val loss | epochs | params | train time (s) |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        pct = {k: None if r[k] is None else 100 * r[k] for k in ("final_val_acc", "best_val_acc")}
-        lines.append(f"| {r['label'].replace('|', '/')} | {_fmt(pct['final_val_acc'], '.2f')} | "
-                     f"{_fmt(pct['best_val_acc'], '.2f')} | {_fmt(r['best_epoch'], 'd')} | "
+        pct = {k: None if r[f"{k}_{metric}"] is None else 100 * r[f"{k}_{metric}"] for k in ("final", "best")}
+        lines.append(f"| {r['label'].replace('|', '/')} | {_fmt(pct['final'], '.2f')} | "
+                     f"{_fmt(pct['best'], '.2f')} | {_fmt(r['best_epoch'], 'd')} | "
                      f"{_fmt(r['final_val_loss'], '.4f')} | {r['epochs']} | {_fmt(r['params'], ',d')} | "
                      f"{_fmt(r['train_seconds'], '.1f')} |")
     return "\n".join(lines) + "\n"
@@ -217,10 +242,11 @@ def markdown_table(rows: list[dict]) -> str:
 def csv_text(rows: list[dict]) -> str:
     """The rows as CSV; floats keep every digit (``repr``), so they read back exactly."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    names = columns(_row_metric(rows))
+    writer = csv.DictWriter(buffer, fieldnames=names, lineterminator="\n")
     writer.writeheader()
     for r in rows:
-        writer.writerow({k: ("" if r[k] is None else repr(r[k]) if isinstance(r[k], float) else r[k]) for k in COLUMNS})
+        writer.writerow({k: ("" if r[k] is None else repr(r[k]) if isinstance(r[k], float) else r[k]) for k in names})
     return buffer.getvalue()
 
 
@@ -260,8 +286,8 @@ def _curve(members: list[Run], key: str, scale: float):
     return epochs, mean, sd
 
 
-def plot(runs: list[Run], path: Path) -> None:
-    """Three panels (train loss, validation loss, validation accuracy) against the epoch."""
+def plot(runs: list[Run], path: Path, metric: str = "val_acc") -> None:
+    """Three panels (train loss, validation loss, validation accuracy or ``metric``) against the epoch."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -271,9 +297,10 @@ def plot(runs: list[Run], path: Path) -> None:
     lines = _lines(runs)
     cmap = plt.get_cmap("tab10" if len(lines) <= 10 else "tab20" if len(lines) <= 20 else "viridis")
     colours = [cmap(i if len(lines) <= 20 else i / max(len(lines) - 1, 1)) for i in range(len(lines))]
+    curves = CURVES if metric == "val_acc" else [*CURVES[:2], (metric, f"validation {metric}", 1.0)]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     for (label, members), colour in zip(lines, colours):
-        for ax, (key, _, scale) in zip(axes, CURVES):
+        for ax, (key, _, scale) in zip(axes, curves):
             epochs, mean, sd = _curve(members, key, scale)
             if not epochs:
                 continue
@@ -282,7 +309,7 @@ def plot(runs: list[Run], path: Path) -> None:
             if sd is not None:
                 ax.fill_between(epochs, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)],
                                 color=colour, alpha=0.2, linewidth=0)
-    for ax, (_, title, _) in zip(axes, CURVES):
+    for ax, (_, title, _) in zip(axes, curves):
         ax.set(title=title, xlabel="epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -311,9 +338,10 @@ def compare(paths: list[str | Path], out: str | Path) -> list[dict]:
     if out.exists() and not out.is_dir():
         raise TricksError(f"--out {out} is a file; name a folder for the comparison (it is created if missing)")
     runs = find_runs(paths)
-    rows = [table_row(r) for r in runs]
+    metric = shared_metric(runs)
+    rows = [table_row(r, metric) for r in runs]
     out.mkdir(parents=True, exist_ok=True)
-    plot(runs, out / FILES[0])
+    plot(runs, out / FILES[0], metric)
     title = f"# Comparison of {len(rows)} run{'s' if len(rows) != 1 else ''}\n\n"
     atomic.write_text(out / FILES[1], title + markdown_table(rows))
     atomic.write_text(out / FILES[2], csv_text(rows))

@@ -2,7 +2,7 @@
 CIFAR-10 with label or background noise, for each method of ``tricks ablate`` folders (one folder
 per noise setting, each with the cross-entropy baseline and the methods added to it).
 
-    python docs/results/noisy_cifar10.py NAME=ABLATION [NAME=ABLATION ...] --out docs/results/noisy_cifar10
+    python docs/results/noisy_cifar10.py NAME=ABLATION [NAME=ABLATION ...] --out docs/results/noisy_cifar10 [--title T]
 
 writes OUT.csv (mean and standard deviation over the seeds of each method and setting) and
 OUT.png, and prints the table as Markdown.
@@ -36,6 +36,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("settings", nargs="+", help="NAME=ABLATION_FOLDER, one per noise setting")
     parser.add_argument("--out", required=True, help="path without extension of the CSV and the PNG")
+    parser.add_argument("--title", default="CIFAR-10 (10,000 noisy training images), resnet8, 10 epochs",
+                        help="the chart's title")
     args = parser.parse_args()
     settings = [s.split("=", 1) for s in args.settings]
     results = {name: read(Path(folder)) for name, folder in settings}
@@ -49,7 +51,7 @@ def main() -> None:
                              "sd": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0})
     out = Path(args.out)
     atomic.write_text(out.with_suffix(".csv"), csv_text(rows, list(rows[0])))
-    chart(rows, [n for n, _ in settings], out.with_suffix(".png"))
+    chart(rows, [n for n, _ in settings], out.with_suffix(".png"), args.title)
     names = [n for n, _ in settings]
     print("| method | " + " | ".join(names) + " |")
     print("| --- | " + " | ".join("---:" for _ in names) + " |")
@@ -61,7 +63,7 @@ def main() -> None:
         print(f"| {method} | " + " | ".join(cells) + " |")
 
 
-def chart(rows: list[dict], settings: list[str], path: Path) -> None:
+def chart(rows: list[dict], settings: list[str], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,7 +82,7 @@ def chart(rows: list[dict], settings: list[str], path: Path) -> None:
                 es.append(100 * r["sd"])
         ax.bar(xs, ys, width, yerr=es, capsize=2, label=method)
     ax.set_xticks(range(len(settings)), settings)
-    ax.set(ylabel="clean validation accuracy (%)", title="CIFAR-10 (10,000 noisy training images), resnet8, 10 epochs")
+    ax.set(ylabel="clean validation accuracy (%)", title=title)
     low = min(100 * r["final_val_acc"] for r in rows)
     ax.set_ylim(max(0, low - 10), None)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))

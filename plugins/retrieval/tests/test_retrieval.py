@@ -1,7 +1,7 @@
 """The retrieval task: the class-balanced sampler (m images of each class per batch, from the seed
 and the epoch, per process), Recall@K and MAP@R on hand-made embeddings and against a brute-force
 count, the class split, the gathering of the processes' shares, the plugin contract (with an exact
-resume), a run with the baseline loss, an ablation of circle_loss against it (its tables of MAP@R), and the refusals."""
+resume), a run with the baseline loss, an ablation of circle_loss against it (its tables and tricks compare by MAP@R), and the refusals."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import tricks
+from tricks.compare import compare
 from tricks.data import ShardedBatches
 from tricks.testing import check_plugin, make_ctx, tiny_run
 from tricks_retrieval import ClassBatchSampler, Retrieval, classes_per_batch, gather, retrieval_metrics
@@ -212,6 +213,11 @@ def test_an_ablation_of_circle_loss_against_the_baseline_tabulates_the_retrieval
     assert float(table[1]["delta_final"]) == pytest.approx(100 * (finals["circle_loss retrieval"] - finals["retrieval"]),
                                                             abs=1e-2)
     assert "| final val_map_at_r (x100) |" in (out / "table.md").read_text()
+    # tricks compare reads the same metric from the runs
+    rows = compare([out], tmp_path / "cmp")
+    assert sorted(r["final_val_map_at_r"] for r in rows) == pytest.approx(sorted(finals.values()))
+    with open(tmp_path / "cmp" / "compare.csv") as f:
+        assert next(csv.reader(f))[1:3] == ["final_val_map_at_r", "best_val_map_at_r"]
 
 
 def test_the_baseline_loss_is_pytorch_metric_learnings_and_circle_loss_replaces_it():
